@@ -24,7 +24,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (see configs/); dotted overrides follow, e.g. --model.lr 0.01")
+    p.add_argument(
+        "--config", help="YAML run config (see configs/); dotted overrides follow, e.g. --model.lr 0.01"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -61,7 +63,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     from sleepbot.config import resolve_run_config
     from sleepbot.training import run_training
 
-    cfg = resolve_run_config(None, {"out_dir": args.out, "trainer": {"max_steps": 100 if args.quick else 500}})
+    cfg = resolve_run_config(
+        None, {"out_dir": args.out, "trainer": {"max_steps": 100 if args.quick else 500}}
+    )
     result = run_training(cfg)
     print(f"demo: {result.name} reached val acc {result.final_val_acc:.4f}, test acc {result.test_acc:.4f}")
     return 0

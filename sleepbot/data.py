@@ -72,7 +72,9 @@ def load_torchvision_arrays(cfg: DataConfig) -> tuple[Arrays, Arrays | None]:
     try:
         import torchvision  # noqa: F401
         from torchvision import datasets
-    except Exception as e:  # ImportError, or a torchvision built for another torch (operator ... does not exist)
+    except (
+        Exception
+    ) as e:  # ImportError, or a torchvision built for another torch (operator ... does not exist)
         raise SleepbotError(
             f"dataset {cfg.name!r} needs torchvision ({type(e).__name__}); install a torchvision that matches "
             f"your torch (pip install 'sleepbot[vision]') or use 'digits' or 'mnist1d'"
@@ -134,7 +136,8 @@ class ArrayDataModule(pl.LightningDataModule):
         mean = xt.mean(axis=axes, keepdims=True)[0]
         std = xt.std(axis=axes, keepdims=True)[0] + 1e-6
         self.tensors = {
-            k: (torch.from_numpy((a - mean) / std).float(), torch.from_numpy(b)) for k, (a, b) in splits.items()
+            k: (torch.from_numpy((a - mean) / std).float(), torch.from_numpy(b))
+            for k, (a, b) in splits.items()
         }
         self.input_shape = tuple(xt.shape[1:])
         self.num_classes = int(max(int(y.max()) for _, y in splits.values()) + 1)

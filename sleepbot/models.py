@@ -71,10 +71,18 @@ def lenet5(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     conv, pool, _, _ = _ops(input_shape)
     c = input_shape[0]
     features = nn.Sequential(
-        conv(c, 6, 5, padding=2), nn.ReLU(), pool(2), conv(6, 16, 5, padding=2), nn.ReLU(), pool(2), nn.Flatten()
+        conv(c, 6, 5, padding=2),
+        nn.ReLU(),
+        pool(2),
+        conv(6, 16, 5, padding=2),
+        nn.ReLU(),
+        pool(2),
+        nn.Flatten(),
     )
     flat = _flat_dim(features, input_shape)
-    head = nn.Sequential(nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
+    head = nn.Sequential(
+        nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes)
+    )
     return nn.Sequential(features, head)
 
 
@@ -130,7 +138,12 @@ def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Two hidden layers of 128 ReLU units over the flattened input: a non-convolutional reference."""
     flat = math.prod(input_shape)
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, num_classes)
+        nn.Flatten(),
+        nn.Linear(flat, 128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
     )
 
 
