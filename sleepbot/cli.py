@@ -33,6 +33,9 @@ def _add_run_config_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------- train
 def _add_train(p: argparse.ArgumentParser) -> None:
     _add_run_config_args(p)
+    p.add_argument(
+        "--json", metavar="PATH", help="also write the run's result (curve, test acc, timings) as JSON"
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -45,6 +48,11 @@ def _run_train(args: argparse.Namespace) -> int:
     from sleepbot.training import run_training
 
     result = run_training(cfg)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=1)
     print(
         f"{result.name}: {result.steps} steps in {result.fit_seconds:.1f}s, "
         f"final val acc {result.final_val_acc:.4f}, test acc {result.test_acc:.4f}"

@@ -37,7 +37,8 @@ class RunResult:
     test_acc: float | None = None
     steps: int = 0
     fit_seconds: float = 0.0
-    startup_seconds: float = 0.0  # process start (module import) to the first training step
+    startup_seconds: float = 0.0  # this module's import (about process start for the CLI) to the first step
+    first_step_unix: float = 0.0  # wall-clock time of the first training step (for start-up benchmarks)
     record_path: str | None = None
     log_dir: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)  # sleep decisions, when a Sleep callback ran
@@ -189,6 +190,7 @@ def run_training(
         steps=int(trainer.global_step),
         fit_seconds=timing.fit_end - timing.fit_start,
         startup_seconds=(timing.first_step or time.time()) - _PROCESS_T0,
+        first_step_unix=timing.first_step or 0.0,
         record_path=record_path,
         log_dir=log_dir,
         events=events,

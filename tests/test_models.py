@@ -1,0 +1,71 @@
+"""Every registered architecture trains a few steps in a real Trainer (one parametrized test, timm-style)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sleepbot.config import ARCHS
+from sleepbot.errors import SleepbotError
+from sleepbot.models import build_arch, lr_factor
+from sleepbot.neurons import neuron_layers, neuron_matrix, neuron_norms, set_neuron_matrix
+from sleepbot.training import run_training
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_trains_in_a_trainer(arch, tiny_config):
+    cfg = tiny_config
+    cfg.model.arch = arch
+    if arch == "cnn1d":
+        cfg.data.name = "mnist1d"
+        cfg.data.data_dir = str(cfg.out_dir) + "/data"
+    result = run_training(cfg)
+    assert result.steps == cfg.trainer.max_steps
+    assert result.val_step == [10, 20, 30]
+    assert all(np.isfinite(result.val_loss))
+    # It learned something: better than chance (10 classes) after 30 steps on the training distribution.
+    assert result.val_acc[-1] > 0.2
+    assert 0.0 <= result.test_acc <= 1.0
+
+
+def test_same_seed_same_metrics(tiny_config):
+    a = run_training(tiny_config)
+    b = run_training(tiny_config)
+    assert a.val_acc == b.val_acc and a.val_loss == b.val_loss and a.test_acc == b.test_acc
+    tiny_config.seed = 1
+    c = run_training(tiny_config)
+    assert c.val_loss != a.val_loss
+
+
+def test_unknown_arch():
+    with pytest.raises(SleepbotError, match="unknown architecture 'vgg'; valid: cnn1d, lenet5"):
+        build_arch("vgg", (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (1, 28, 28)])
+def test_archs_build_for_input_shapes(shape):
+    for arch in ("small_cnn", "lenet5", "resnet_tiny", "mlp"):
+        net = build_arch(arch, shape, 10)
+        assert net(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_neuron_matrix_round_trip():
+    net = build_arch("small_cnn", (1, 8, 8), 10)
+    layers = neuron_layers(net)
+    conv = layers["0.0"]
+    m = neuron_matrix(conv)
+    assert m.shape == (16, 1 * 3 * 3 + 1)
+    torch.testing.assert_close(m[:, -1], conv.bias)
+    torch.testing.assert_close(neuron_norms(conv), m.norm(dim=1))
+    set_neuron_matrix(conv, m * 2)
+    torch.testing.assert_close(neuron_matrix(conv), m * 2)
+    set_neuron_matrix(conv, m[:2] * 0, rows=torch.tensor([3, 5]))
+    assert neuron_matrix(conv)[[3, 5]].abs().sum() == 0
+    assert neuron_matrix(conv)[4].abs().sum() > 0
+
+
+def test_schedules():
+    assert lr_factor("constant", 10, 100) == 1.0
+    assert lr_factor("cosine", 0, 100) == pytest.approx(1.0)
+    assert lr_factor("cosine", 100, 100) == pytest.approx(0.0)
+    assert lr_factor("step", 60, 100) == pytest.approx(0.1)
+    assert lr_factor("constant", 0, 100, warmup_steps=4) == pytest.approx(0.25)
