@@ -5,9 +5,11 @@ callbacks. `collect`, `sleep` and `compare` all train through `run_training`, so
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,11 @@ import torch
 from sleepbot.config import RunConfig
 from sleepbot.data import make_datamodule
 from sleepbot.models import Classifier
+
+# Two messages Lightning prints on every run that say nothing about the run: an advertisement, and a deprecation
+# inside Lightning's own pytree helper.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 # Wall-clock origin for start-up measurements: the time this module was first imported is close enough to the
 # process start for a CLI run (the CLI imports it first thing when it trains).
@@ -154,8 +161,6 @@ def run_training(
         quiet: silence Lightning's informational logging (used by parallel workers).
     """
     if quiet:
-        import logging
-
         for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.ERROR)
     pl.seed_everything(cfg.seed, workers=True, verbose=not quiet)
