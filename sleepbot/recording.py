@@ -1,0 +1,632 @@
+"""Record per-neuron weight trajectories while a network trains.
+
+`RecorderCore` is framework-free: a plain PyTorch loop drives it with `record_step(step, loss)`.
+`TrajectoryRecorder` is the Lightning callback over it; it works with any LightningModule (it finds the Conv/Linear
+layers itself) and under DDP only global rank 0 writes.
+
+What is recorded (the file layout is in trajectories/README.md):
+
+- every step: each layer's per-neuron L2 norms (weights and bias together), the train loss and the learning rate;
+- every `every_n_steps` steps, step 0 (the initial weights) included: snapshots of every kept neuron's weights,
+  and optionally its gradient and optimizer state;
+- validation metrics whenever they are computed, test metrics when known, and sleep events.
+
+Steps count optimizer updates: the weights "at step k" are those after k updates; the train loss and lr at step k
+are those of update k (NaN at step 0, where no update has happened yet).
+
+Cost. Norms are computed straight into a preallocated block buffer ([rows, N] per layer, `out=`), and snapshots are
+copied straight into the writer's block buffer, so a step costs a few small tensor ops and no allocation; the HDF5
+write happens once per block (`flush_every` snapshots) or every `flush_seconds`, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from sleepbot.errors import SleepbotError
+from sleepbot.neurons import has_bias, layer_kind, neuron_layers
+from sleepbot.store import LayerSpec, RunWriter, _event_row, stamp_status
+
+# Per-parameter optimizer state tensors, by optimizer class, for when the state is still empty (before the first
+# step; Adam and friends create it lazily). Keys present in a non-empty state are read from the state itself.
+_OPTIM_KEYS: dict[str, tuple[str, ...]] = {
+    "Adam": ("exp_avg", "exp_avg_sq"),
+    "AdamW": ("exp_avg", "exp_avg_sq"),
+    "NAdam": ("exp_avg", "exp_avg_sq"),
+    "RAdam": ("exp_avg", "exp_avg_sq"),
+    "Adamax": ("exp_avg", "exp_inf"),
+    "Adagrad": ("sum",),
+    "RMSprop": ("square_avg",),
+    "SGD": ("momentum_buffer",),
+}
+
+
+def optimizer_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's per-parameter state tensors (the ones shaped like the parameter).
+
+    Raises:
+        SleepbotError: an optimizer with no such state (plain SGD) or an unknown one whose state is still empty.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        state = optimizer.state.get(p)
+        if state:
+            keys = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape]
+            if keys:
+                return sorted(keys)
+    name = type(optimizer).__name__
+    group = optimizer.param_groups[0]
+    keys = list(_OPTIM_KEYS.get(name, ()))
+    if name == "SGD" and not group.get("momentum"):
+        keys = []
+    if name in ("Adam", "AdamW") and group.get("amsgrad"):
+        keys.append("max_exp_avg_sq")
+    if name == "RMSprop":
+        keys += ["momentum_buffer"] * bool(group.get("momentum")) + ["grad_avg"] * bool(group.get("centered"))
+    if not keys:
+        raise SleepbotError(
+            f"optimizer_state=True, but {name} has no per-parameter state to record; supported: "
+            f"{', '.join(sorted(_OPTIM_KEYS))} (SGD with momentum only)"
+        )
+    return keys
+
+
+def sample_neurons(layer: str, n: int, max_neurons: int | None, seed: int) -> np.ndarray:
+    """Indices of the neurons whose full weights are snapshotted: all of them, or a seeded sorted sample.
+
+    The sample depends only on (seed, layer name, n), so every run with the same seed keeps the same neurons.
+    """
+    if not max_neurons or n <= max_neurons:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), zlib.crc32(layer.encode())])
+    return np.sort(rng.choice(n, size=int(max_neurons), replace=False)).astype(np.int64)
+
+
+def _as_float(x: Any) -> float:
+    if x is None:
+        return float("nan")
+    if torch.is_tensor(x):
+        return float(x.detach())
+    return float(x)
+
+
+class RecorderCore:
+    """Records one run into one HDF5 file from any training loop.
+
+    A plain PyTorch loop::
+
+        core = RecorderCore("run.h5", model, optimizer=opt)
+        core.record_step(0)                      # the initial weights
+        for step in range(1, n + 1):
+            ...; opt.step()
+            core.record_step(step, loss=loss)    # norms every step, a snapshot when step % every_n_steps == 0
+        core.close()                             # status 'complete' (a `with` block closes 'failed' on error)
+
+    Args:
+        path: the .h5 file to create.
+        model: the network; its Conv/Linear layers are recorded (sleepbot.neurons defines a neuron).
+        every_n_steps: steps between snapshots of full weights (10: 0-8% overhead measured, see README).
+        max_neurons_per_layer: snapshot at most this many neurons per layer, a seeded sample (None: all).
+            The default 256 keeps every neuron of small_cnn, lenet5, cnn1d and mlp.
+        layers: module names to record (None: every Conv/Linear layer).
+        gradients: also snapshot each kept neuron's gradient (zeros where there is none, e.g. at step 0).
+        optimizer_state: also snapshot the optimizer's per-parameter state (Adam's exp_avg and exp_avg_sq, ...);
+            needs `optimizer`. Before the first update the state is zeros, as Adam initialises it.
+        optimizer: the optimizer (for optimizer_state, and for the lr when record_step gets none).
+        seed: seeds the neuron sample.
+        attrs: root attributes for the file (config, dataset, arch, ...).
+        overwrite: replace an existing file.
+        flush_every: snapshots buffered in memory between writes to disk (64, measured: see README).
+        flush_seconds: also flush when this long has passed since the last flush, so a slow run loses little.
+        compression: HDF5 filter (None, "lzf", "gzip"); None by measurement, see README.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        *,
+        every_n_steps: int = 10,
+        max_neurons_per_layer: int | None = 256,
+        layers: Sequence[str] | None = None,
+        gradients: bool = False,
+        optimizer_state: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        seed: int = 0,
+        attrs: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        flush_every: int = 64,
+        flush_seconds: float = 10.0,
+        compression: str | None = None,
+    ) -> None:
+        _check_options(every_n_steps, max_neurons_per_layer, flush_every)
+        self.path = Path(path)
+        self.model = model
+        self.every_n_steps = int(every_n_steps)
+        self.optimizer = optimizer
+        self.flush_seconds = float(flush_seconds)
+        try:
+            self.modules = neuron_layers(model, include=list(layers) if layers is not None else None)
+        except ValueError as e:
+            raise SleepbotError(str(e)) from None
+        if not self.modules:
+            raise SleepbotError(f"{type(model).__name__} has no Conv1d/2d/3d or Linear layer to record")
+        if optimizer_state and optimizer is None:
+            raise SleepbotError("optimizer_state=True needs the optimizer (RecorderCore(..., optimizer=opt))")
+        self.optim_keys = optimizer_state_keys(optimizer) if optimizer_state else []
+        arrays = ["weight"] + ["grad"] * bool(gradients) + [f"optim/{k}" for k in self.optim_keys]
+        self.specs = [
+            LayerSpec(
+                name=name,
+                kind=layer_kind(m),
+                shape=tuple(int(s) for s in m.weight.shape),
+                has_bias=has_bias(m),
+                neurons=sample_neurons(name, m.weight.shape[0], max_neurons_per_layer, seed),
+            )
+            for name, m in self.modules.items()
+        ]
+        file_attrs = {
+            "every_n_steps": self.every_n_steps,
+            "max_neurons_per_layer": int(max_neurons_per_layer or 0),
+            "neuron_seed": int(seed),
+            "gradients": bool(gradients),
+            "optimizer_state": bool(optimizer_state),
+            "model_class": type(model).__name__,
+            **(attrs or {}),
+        }
+        self.writer = RunWriter(
+            self.path,
+            self.specs,
+            attrs=file_attrs,
+            snapshot_arrays=arrays,
+            overwrite=overwrite,
+            buffer_snapshots=flush_every,
+            buffer_steps=flush_every * self.every_n_steps,
+            compression=compression,
+        )
+        self._arrays = arrays
+        self._rows = (
+            flush_every * self.every_n_steps
+        )  # per-step rows per block: one block per snapshot buffer
+        first = next(iter(self.modules.values())).weight
+        self._device = first.device
+        # Per-step block buffers. On CPU they are numpy memory seen through torch (no copy at write time); on an
+        # accelerator they stay on the device and are copied once per block.
+        self._norms = {
+            s.name: self._buffer((self._rows, s.n), torch.float32) for s in self.specs
+        }  # {layer: [rows, N]}
+        self._loss = self._buffer((self._rows,), torch.float32)
+        self._lr = np.full(self._rows, np.nan, np.float32)
+        self._steps = np.zeros(self._rows, np.int64)
+        self._n = 0
+        # Torch views of the writer's snapshot buffers, [B, N_kept, F], and the kept-neuron indices on device.
+        self._snap = {key: torch.from_numpy(buf) for key, buf in self.writer.snapshot_buffers.items()}
+        self._idx = {
+            s.name: None if s.n_kept == s.n else torch.as_tensor(s.neurons, device=self._device)
+            for s in self.specs
+        }
+        self.last_step: int | None = None
+        self.last_snapshot: int | None = None
+        self._last_flush = time.monotonic()
+        self.closed = False
+
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self._device.type == "cpu":
+            return torch.from_numpy(np.full(shape, np.nan, np.float32))
+        return torch.full(shape, float("nan"), dtype=dtype, device=self._device)
+
+    # ------------------------------------------------------------------------------------------ recording
+    @torch.no_grad()
+    def record_step(self, step: int, loss: Any = None, lr: float | None = None) -> None:
+        """Record the norms, loss and lr at `step`; snapshot the weights when `step % every_n_steps == 0`.
+
+        Args:
+            step: optimizer updates so far; must increase from call to call.
+            loss: the loss of the update that led here (a float or a tensor; a tensor is not synchronised here).
+            lr: its learning rate; None reads the optimizer's first param group (if an optimizer was given).
+        """
+        self._check_open()
+        step = int(step)
+        if self.last_step is not None and step <= self.last_step:
+            raise SleepbotError(f"record_step: steps must increase, got {step} after {self.last_step}")
+        i = self._n
+        for name, m in self.modules.items():
+            row = self._norms[name][i]  # [N]
+            w2d = m.weight.detach().reshape(m.weight.shape[0], -1)  # [N, fan_in]
+            if w2d.dtype != torch.float32:
+                w2d = w2d.float()
+            if m.bias is None:
+                torch.linalg.vector_norm(w2d, dim=1, out=row)
+            else:
+                torch.hypot(torch.linalg.vector_norm(w2d, dim=1), m.bias.detach().float(), out=row)
+        if loss is None:
+            self._loss[i] = float("nan")
+        elif torch.is_tensor(loss):
+            self._loss[i] = loss.detach().reshape(())  # stays on its device; no host sync per step
+        else:
+            self._loss[i] = float(loss)
+        if lr is None and self.optimizer is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+        self._lr[i] = _as_float(lr)
+        self._steps[i] = step
+        self._n += 1
+        self.last_step = step
+        if step % self.every_n_steps == 0:
+            self.snapshot(self.model, step)
+        if self._n == self._rows:
+            self._push_steps()
+        if self.writer.snapshots_full or time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    @torch.no_grad()
+    def snapshot(self, model: nn.Module, step: int) -> None:
+        """Save the full weights (and gradient / optimizer state when asked) of every kept neuron at `step`.
+
+        `model` must have the same layers as the recorded one (usually it is the same object). A second call for
+        the step last snapshotted does nothing.
+        """
+        self._check_open()
+        step = int(step)
+        if self.last_snapshot is not None and step <= self.last_snapshot:
+            if step == self.last_snapshot:
+                return
+            raise SleepbotError(f"snapshot: steps must increase, got {step} after {self.last_snapshot}")
+        modules = self.modules if model is self.model else neuron_layers(model, include=list(self.modules))
+        if self.writer.snapshots_full:
+            self.flush()
+        j = self.writer.snapshot_index
+        for spec in self.specs:
+            m = modules[spec.name]
+            idx = self._idx[spec.name]
+            for arr in self._arrays:
+                if arr == "weight":
+                    w, b = m.weight, m.bias
+                elif arr == "grad":
+                    w, b = m.weight.grad, (m.bias.grad if m.bias is not None else None)
+                else:  # optim/<key>
+                    key = arr[len("optim/") :]
+                    w = self.optimizer.state.get(m.weight, {}).get(key)
+                    b = self.optimizer.state.get(m.bias, {}).get(key) if m.bias is not None else None
+                _copy_neurons(self._snap[(spec.name, arr)][j], w, b, spec, idx)
+        self.writer.commit_snapshot(step)
+        self.last_snapshot = step
+
+    def log_val(self, step: int, loss: Any, acc: Any) -> None:
+        """Record a validation result (NaN for a metric that is not known)."""
+        self._check_open()
+        self.writer.write_val(int(step), _as_float(loss), _as_float(acc))
+
+    def log_test(self, acc: Any = None, loss: Any = None) -> None:
+        """Record test metrics; they are written as /metrics/test/acc (and /loss) when the file is closed."""
+        self.writer.write_test(
+            **{k: _as_float(v) for k, v in (("acc", acc), ("loss", loss)) if v is not None}
+        )
+
+    def log_event(
+        self,
+        step: int,
+        strategy: str,
+        horizon: int,
+        accepted: bool,
+        loss_before: float,
+        loss_after: float,
+    ) -> None:
+        """Record one sleep event in the /events table."""
+        self._check_open()
+        self.writer.write_event(
+            step, strategy, horizon, accepted, _as_float(loss_before), _as_float(loss_after)
+        )
+
+    # ------------------------------------------------------------------------------------------ flushing
+    def _push_steps(self) -> None:
+        n = self._n
+        if n == 0:
+            return
+        norms = {name: buf[:n].cpu().numpy() for name, buf in self._norms.items()}
+        loss = self._loss[:n].cpu().numpy()
+        self.writer.write_steps(self._steps[:n], norms, loss, self._lr[:n])
+        self._n = 0
+
+    def flush(self) -> None:
+        """Write everything buffered to disk now (readers and a later crash see it)."""
+        self._check_open()
+        self._push_steps()
+        self.writer.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self, status: str = "complete") -> None:
+        """Flush and close; `status` is `complete` or `failed`. A second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._push_steps()
+        finally:
+            self.writer.close(status)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SleepbotError(f"recorder for {str(self.path)!r} is closed")
+
+    def __enter__(self) -> RecorderCore:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("failed" if exc_type is not None else "complete")
+
+
+def _copy_neurons(
+    out: torch.Tensor,
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+    spec: LayerSpec,
+    idx: torch.Tensor | None,
+) -> None:
+    """Copy a layer's tensor pair (weight-shaped `w`, bias-shaped `b`) into `out` [N_kept, F], bias last.
+
+    Missing tensors (no gradient yet, no optimizer state yet) are written as zeros.
+    """
+    fan = spec.fan_in - int(spec.has_bias)
+    if w is None:
+        out[:, :fan].zero_()
+    else:
+        w2d = w.detach().reshape(spec.n, -1)  # [N, fan_in]
+        out[:, :fan].copy_(w2d if idx is None else w2d.index_select(0, idx))
+    if spec.has_bias:
+        if b is None:
+            out[:, fan].zero_()
+        else:
+            b = b.detach()
+            out[:, fan].copy_(b if idx is None else b.index_select(0, idx))
+
+
+def _check_options(every_n_steps: int, max_neurons_per_layer: int | None, flush_every: int) -> None:
+    if not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise SleepbotError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+    if max_neurons_per_layer is not None and (
+        not isinstance(max_neurons_per_layer, int) or max_neurons_per_layer < 0
+    ):
+        raise SleepbotError(
+            f"max_neurons_per_layer must be an integer >= 0 or None, got {max_neurons_per_layer!r}"
+        )
+    if not isinstance(flush_every, int) or flush_every < 1:
+        raise SleepbotError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+
+
+# Metric names the callback looks for in trainer.callback_metrics, in order, when no key is given.
+VAL_LOSS_KEYS = ("val_loss", "val/loss", "valid_loss", "validation_loss", "loss/val")
+VAL_ACC_KEYS = ("val_acc", "val/acc", "val_accuracy", "valid_acc", "validation_acc", "acc/val")
+TEST_ACC_KEYS = ("test_acc", "test/acc", "test_accuracy")
+TEST_LOSS_KEYS = ("test_loss", "test/loss")
+
+
+def _metric(metrics: Mapping[str, Any], key: str | None, candidates: Sequence[str]) -> float | None:
+    for k in [key] if key else candidates:
+        if k in metrics:
+            return _as_float(metrics[k])
+    return None
+
+
+class TrajectoryRecorder(pl.Callback):
+    """Lightning callback: record per-neuron weight trajectories of any LightningModule into one HDF5 file.
+
+    The file is created when training starts (step 0, the initial weights, is recorded then) and closed when it
+    ends (`complete`) or fails (`failed`). Validation results are read from `trainer.callback_metrics`
+    (`val_loss`/`val_acc` or `val/loss`/`val/acc`, or the keys given); a validation or test run after `fit`
+    amends the closed file. Under DDP only global rank 0 writes; the other ranks do nothing.
+
+    A Sleep callback finds the recorder in `trainer.callbacks` and reports each jump with `log_event`.
+
+    Args:
+        path: the .h5 file to create.
+        every_n_steps, max_neurons_per_layer, layers, gradients, optimizer_state, overwrite, seed, flush_every,
+            flush_seconds, compression: as in RecorderCore.
+        attrs: root attributes; when `config` is missing, the module's hyperparameters are stored as the config.
+        val_loss_key, val_acc_key: metric names to read (None: try the usual names).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        every_n_steps: int = 10,
+        max_neurons_per_layer: int | None = 256,
+        layers: Sequence[str] | None = None,
+        gradients: bool = False,
+        optimizer_state: bool = False,
+        overwrite: bool = False,
+        *,
+        seed: int = 0,
+        attrs: Mapping[str, Any] | None = None,
+        flush_every: int = 64,
+        flush_seconds: float = 10.0,
+        compression: str | None = None,
+        val_loss_key: str | None = None,
+        val_acc_key: str | None = None,
+    ) -> None:
+        _check_options(every_n_steps, max_neurons_per_layer, flush_every)
+        self.path = Path(path)
+        self.options = dict(
+            every_n_steps=every_n_steps,
+            max_neurons_per_layer=max_neurons_per_layer,
+            layers=list(layers) if layers is not None else None,
+            gradients=gradients,
+            optimizer_state=optimizer_state,
+            overwrite=overwrite,
+            seed=seed,
+            flush_every=flush_every,
+            flush_seconds=flush_seconds,
+            compression=compression,
+        )
+        self.attrs = dict(attrs or {})
+        self.val_loss_key = val_loss_key
+        self.val_acc_key = val_acc_key
+        self.core: RecorderCore | None = None
+        self.writes = True  # False on ranks other than global 0
+        self.written = False  # the file was created by this recorder (so a closed file may be amended)
+        self._lr: float | None = None
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.writes = bool(trainer.is_global_zero)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.writes:
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        attrs = {
+            "arch": type(pl_module).__name__,
+            "optimizer": type(optimizer).__name__.lower() if optimizer is not None else "",
+            "seed": self.options["seed"],
+            "world_size": int(trainer.world_size),
+            "writer_rank": int(trainer.global_rank),
+            "config": _hparams_json(pl_module),
+            **self.attrs,
+        }
+        if optimizer is not None and "lr" not in attrs:
+            attrs["lr"] = _as_float(optimizer.param_groups[0]["lr"])
+        opts = dict(self.options)
+        if self.written:
+            opts["overwrite"] = True  # a second fit with the same recorder replaces the file it wrote
+        self.core = RecorderCore(self.path, pl_module, optimizer=optimizer, attrs=attrs, **opts)
+        self.written = True
+        self._lr = None
+        self.core.record_step(trainer.global_step)  # the weights training starts from
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.core is not None and trainer.optimizers and optimizer is trainer.optimizers[0]:
+            self._lr = optimizer.param_groups[0][
+                "lr"
+            ]  # the lr of this update (a step scheduler moves it later)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        core = self.core
+        if core is None or core.closed:
+            return
+        step = trainer.global_step
+        if step == core.last_step:
+            return  # gradient accumulation: no update in this batch
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        lr = self._lr
+        if lr is None and trainer.optimizers:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+        core.record_step(step, loss=loss, lr=lr)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self.writes:
+            return
+        metrics = trainer.callback_metrics
+        loss = _metric(metrics, self.val_loss_key, VAL_LOSS_KEYS)
+        acc = _metric(metrics, self.val_acc_key, VAL_ACC_KEYS)
+        if loss is None and acc is None:
+            return
+        row = (int(trainer.global_step), _nan(loss), _nan(acc))
+        if self.core is not None and not self.core.closed:
+            self.core.log_val(*row)
+        elif self.written and self.path.exists():
+            stamp_status(self.path, None, val=[row])
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.writes:
+            return
+        acc = _metric(trainer.callback_metrics, None, TEST_ACC_KEYS)
+        loss = _metric(trainer.callback_metrics, None, TEST_LOSS_KEYS)
+        test = {k: v for k, v in (("acc", acc), ("loss", loss)) if v is not None}
+        if not test:
+            return
+        if self.core is not None and not self.core.closed:
+            self.core.log_test(**test)
+        elif self.written and self.path.exists():
+            stamp_status(self.path, None, test=test)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.core is not None:
+            self.core.close("complete")
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self.core is not None:
+            self.core.close("failed")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.core is not None and not self.core.closed:
+            self.core.close("failed")  # fit ended without on_train_end: it did not complete
+
+    # ------------------------------------------------------------------------------------------ for Sleep
+    def log_event(
+        self,
+        step: int,
+        strategy: str,
+        horizon: int,
+        accepted: bool,
+        loss_before: float,
+        loss_after: float,
+    ) -> None:
+        """Record one sleep event (a jump tried at `step`); a no-op on ranks that do not write."""
+        if not self.writes:
+            return
+        if self.core is not None and not self.core.closed:
+            self.core.log_event(step, strategy, horizon, accepted, loss_before, loss_after)
+        elif self.written and self.path.exists():
+            row = _event_row(self.path, step, strategy, horizon, accepted, loss_before, loss_after)
+            stamp_status(self.path, None, events=[row])
+        else:
+            raise SleepbotError(
+                f"TrajectoryRecorder({str(self.path)!r}) is not recording yet (training not started)"
+            )
+
+    def __repr__(self) -> str:
+        return f"TrajectoryRecorder({str(self.path)!r}, every_n_steps={self.options['every_n_steps']})"
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x
+
+
+def _hparams_json(module: pl.LightningModule) -> str:
+    """The module's saved hyperparameters as JSON (best effort: unknown objects become their repr)."""
+    try:
+        return json.dumps(dict(getattr(module, "hparams", {}) or {}), sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return "{}"
+
+
+def recorder_from_config(cfg) -> TrajectoryRecorder:
+    """The recorder a RunConfig asks for (`cfg.record`); the file defaults to `<out_dir>/<run_name>.h5`.
+
+    The whole config is stored as JSON in the `config` attribute, with seed, dataset, arch, optimizer and lr as
+    their own attributes so that a TrajectoryStore can filter on them without parsing JSON.
+    """
+    r = cfg.record
+    path = Path(r.path) if r.path else Path(cfg.out_dir) / f"{cfg.run_name}.h5"
+    attrs = {
+        "config": cfg.to_json(),
+        "run_name": cfg.run_name,
+        "seed": int(cfg.seed),
+        "dataset": cfg.data.name,
+        "arch": cfg.model.arch,
+        "optimizer": cfg.model.optimizer,
+        "lr": float(cfg.model.lr),
+        "batch_size": int(cfg.data.batch_size),
+        "max_steps": int(cfg.trainer.max_steps),
+    }
+    return TrajectoryRecorder(
+        path,
+        every_n_steps=r.every_n_steps,
+        max_neurons_per_layer=r.max_neurons_per_layer,
+        gradients=r.gradients,
+        optimizer_state=r.optimizer_state,
+        overwrite=r.overwrite,
+        seed=int(cfg.seed),
+        attrs=attrs,
+    )
