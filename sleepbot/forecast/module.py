@@ -1,0 +1,350 @@
+"""Training a forecaster: `ForecasterModule` (a LightningModule) and `train_forecaster`, what the CLI calls.
+
+Every forecaster is trained on the same loss: the mean squared error of the forecast displacement, in units of each
+neuron's motion over the context (`base.neuron_scale`), so a slow neuron counts as much as a fast one and the loss
+does not depend on the learning rate of the runs. Trainer options (devices, strategy, precision, max_steps, ...)
+pass straight through `trainer_kwargs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from sleepbot.errors import SleepbotError
+from sleepbot.forecast.base import Forecaster, build_forecaster, neuron_scale
+from sleepbot.forecast.windows import (
+    RunInfo,
+    WindowDataset,
+    collate_groups,
+    resolve_paths,
+    scan_runs,
+    split_runs,
+)
+
+
+def group_errors(model: Forecaster, group: dict) -> dict[str, torch.Tensor]:
+    """A forecaster's errors on one group of windows, summed per horizon.
+
+    Returns:
+        `loss_sum` (squared error in neuron-motion units), `count` (weights x horizons counted), and per horizon
+        [H]: `sse` (squared error, raw units), `sst` (squared true displacement, raw units), `n` (windows).
+    """
+    history, target, mask = group["history"], group["target"], group["mask"]  # [C,M,F], [H,M,F], [H,M]
+    if model.learned:
+        pred = model(history, group["kind"], group["progress"])  # [H, M, F]
+    else:
+        pred = model.displacement(history, model.horizons, group["kind"], group["progress"])
+    true = target - history[-1]  # [H, M, F]
+    m = mask[..., None].to(pred.dtype)  # [H, M, 1]
+    scale = neuron_scale(history)[None, :, None]  # [1, M, 1]
+    err = (pred - true) * m
+    f = history.shape[-1]
+    return {
+        "loss_sum": (err / scale).pow(2).sum(),
+        "count": m.sum() * f,
+        "sse": err.pow(2).sum(dim=(1, 2)).detach(),
+        "sst": (true * m).pow(2).sum(dim=(1, 2)).detach(),
+        "n": mask.sum(1).detach(),
+    }
+
+
+class ForecasterModule(pl.LightningModule):
+    """Trains a registered forecaster on groups of windows (see `windows.WindowDataset`).
+
+    Logs `train_loss` every step; at each validation `val_loss` and `val_r2_h<h>` (explained displacement on the
+    validation runs, per horizon).
+
+    Args:
+        name: registry name of the forecaster.
+        config: its constructor keyword arguments (context, horizons, ...).
+        lr: AdamW learning rate, decayed to 0 along a cosine over the Trainer's max_steps.
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(
+        self, name: str = "lstm", config: dict | None = None, lr: float = 3e-3, weight_decay: float = 0.0
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_forecaster(name, **(config or {}))
+        if not self.model.learned:
+            raise SleepbotError(f"the {name} forecaster has nothing to train")
+        self.val_scores: dict[str, float] = {}
+        self._val: torch.Tensor | None = None
+
+    def forward(self, history: torch.Tensor, kind: str, progress: torch.Tensor | None) -> torch.Tensor:
+        return self.model(history, kind, progress)
+
+    def _batch_errors(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        parts = [group_errors(self.model, _to(g, self.device)) for g in batch]
+        return {k: torch.stack([p[k] for p in parts]).sum(0) for k in parts[0]}
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
+        e = self._batch_errors(batch)
+        loss = e["loss_sum"] / e["count"].clamp_min(1)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        n_h = len(self.model.horizons)
+        self._val = torch.zeros(2 + 2 * n_h, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        e = self._batch_errors(batch)
+        self._val += torch.cat(
+            [e["loss_sum"][None].double(), e["count"][None].double(), e["sse"].double(), e["sst"].double()]
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.all_gather(self._val)
+        sums = sums.reshape(-1, sums.shape[-1]).sum(0) if sums.ndim > 1 else sums
+        n_h = len(self.model.horizons)
+        scores = {"val_loss": float(sums[0] / sums[1].clamp_min(1))}
+        for j, h in enumerate(self.model.horizons):
+            sse, sst = sums[2 + j], sums[2 + n_h + j]
+            scores[f"val_r2_h{h}"] = float(1 - sse / sst) if sst > 0 else float("nan")
+        for k, v in scores.items():
+            self.log(k, v, prog_bar=k == "val_loss")
+        if not self.trainer.sanity_checking:
+            self.val_scores = scores
+
+    def on_train_epoch_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        ds = getattr(loader, "dataset", None)
+        if isinstance(ds, WindowDataset):
+            ds.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = (
+            max(1, int(self.trainer.max_steps))
+            if self.trainer.max_steps and self.trainer.max_steps > 0
+            else 0
+        )
+        if not total:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _to(group: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in group.items()}
+
+
+@dataclass
+class ForecasterTrainConfig:
+    """What `train_forecaster` trains and on which windows (the Trainer's own options go in `trainer_kwargs`).
+
+    Attributes:
+        model: registry name of the forecaster.
+        context: snapshots read.
+        horizons: snapshots ahead, trained all at once.
+        model_options: extra constructor arguments (hidden, head_hidden, ...).
+        baselines: learned baselines trained after it with the same data, split and steps, stored with it.
+        lr, weight_decay: AdamW.
+        groups_per_step: groups of windows per optimizer step.
+        max_weights: about how many weights per group.
+        positions: end times per group.
+        groups_per_epoch: groups drawn per epoch (an epoch ends with a validation).
+        progress_dropout: fraction of windows whose training progress is hidden.
+        val_fraction, test_fraction: of each (dataset, arch, optimizer) group of runs.
+        holdout: runs whose attributes match go to test only (e.g. {'arch': 'mlp'}).
+        val_stride: spacing of end snapshots in validation.
+        split_seed: seed of the run split; seed: of the model init and window sampling.
+        num_workers: DataLoader workers (each opens the HDF5 files itself).
+    """
+
+    model: str = "lstm"
+    context: int = 5
+    horizons: tuple[int, ...] = (5, 10, 20)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    baselines: tuple[str, ...] = ("mlp",)
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    groups_per_step: int = 4
+    max_weights: int = 16384
+    positions: int = 4
+    groups_per_epoch: int = 1000
+    progress_dropout: float = 0.2
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    holdout: dict[str, Any] | None = None
+    val_stride: int = 5
+    split_seed: int = 0
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class TrainedForecaster:
+    """What `train_forecaster` returns."""
+
+    model: Forecaster
+    baselines: dict[str, Forecaster]
+    split: dict[str, list[str]]
+    runs: list[RunInfo]
+    val_scores: dict[str, dict[str, float]]
+    seconds: dict[str, float]
+    path: str | None = None
+
+
+def default_trainer_kwargs() -> dict[str, Any]:
+    progress = sys.stderr.isatty() and not os.environ.get("CI")
+    return {
+        "max_steps": 2000,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": progress,
+        "num_sanity_val_steps": 0,
+    }
+
+
+def _loader(ds: WindowDataset, cfg: ForecasterTrainConfig) -> DataLoader:
+    return DataLoader(
+        ds,
+        batch_size=cfg.groups_per_step,
+        collate_fn=collate_groups,
+        num_workers=cfg.num_workers,
+        persistent_workers=False,
+    )
+
+
+def fit_one(
+    name: str,
+    cfg: ForecasterTrainConfig,
+    train_runs: Sequence[RunInfo],
+    val_runs: Sequence[RunInfo],
+    snapshot_every: int | None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+) -> tuple[Forecaster, dict[str, float]]:
+    """Train one learned forecaster; returns it (on the CPU, eval mode) and its last validation scores."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    config = {"context": cfg.context, "horizons": list(cfg.horizons), "snapshot_every": snapshot_every}
+    config.update(options or {})
+    module = ForecasterModule(name, config, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train = WindowDataset(
+        train_runs,
+        cfg.context,
+        cfg.horizons,
+        mode="random",
+        groups=cfg.groups_per_epoch,
+        max_weights=cfg.max_weights,
+        positions=cfg.positions,
+        progress_dropout=cfg.progress_dropout,
+        seed=cfg.seed,
+    )
+    kwargs = {**default_trainer_kwargs(), **(trainer_kwargs or {})}
+    val_loader = None
+    if val_runs:
+        val = WindowDataset(
+            val_runs,
+            cfg.context,
+            cfg.horizons,
+            mode="all",
+            max_weights=cfg.max_weights * 4,
+            stride=cfg.val_stride,
+        )
+        val_loader = _loader(val, cfg)
+    else:
+        kwargs["limit_val_batches"] = 0
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(module, train_dataloaders=_loader(train, cfg), val_dataloaders=val_loader)
+    if val_loader is not None and not module.val_scores:
+        trainer.validate(module, dataloaders=val_loader, verbose=False)
+    model = module.model.cpu().eval()
+    return model, dict(module.val_scores)
+
+
+def train_forecaster(
+    data: str | Path | Sequence[str | Path],
+    cfg: ForecasterTrainConfig | None = None,
+    *,
+    trainer_kwargs: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> TrainedForecaster:
+    """Train a forecaster (and its learned baselines) on the runs in `data`, split by run; optionally save it.
+
+    Args:
+        data: a directory of runs (a TrajectoryStore), run files, or a list of either.
+        cfg: what to train (defaults: the LSTM forecaster, context 5, horizons 5/10/20, with an MLP baseline).
+        trainer_kwargs: Lightning Trainer options over `default_trainer_kwargs()` (max_steps, devices, ...).
+        out: checkpoint to write (with the split, data and scores in its metadata).
+        overwrite: replace an existing checkpoint.
+    """
+    cfg = cfg or ForecasterTrainConfig()
+    if out is not None and Path(out).exists() and not overwrite:
+        raise SleepbotError(f"{str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    paths = resolve_paths(data)
+    runs = scan_runs(paths, min_snapshots=cfg.context + cfg.horizons[0])
+    if not runs:
+        raise SleepbotError(
+            f"none of the {len(paths)} run files has {cfg.context + cfg.horizons[0]} regular snapshots "
+            f"(context {cfg.context} + horizon {cfg.horizons[0]})"
+        )
+    split = split_runs(runs, (cfg.val_fraction, cfg.test_fraction), cfg.split_seed, cfg.holdout)
+    by_id = {r.run_id: r for r in runs}
+    train_runs = [by_id[i] for i in split["train"]]
+    val_runs = [by_id[i] for i in split["val"]]
+    if not train_runs:
+        raise SleepbotError(f"no training runs left after the split of {len(runs)} runs; collect more runs")
+    every = runs[0].snapshot_every
+    names = [cfg.model, *[b for b in cfg.baselines if b != cfg.model]]
+    models: dict[str, Forecaster] = {}
+    scores: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        t0 = time.time()
+        if build_forecaster(name, context=cfg.context, horizons=cfg.horizons).learned:
+            options = cfg.model_options if name == cfg.model else {}
+            models[name], scores[name] = fit_one(
+                name, cfg, train_runs, val_runs, every, trainer_kwargs, options
+            )
+        else:
+            models[name] = build_forecaster(
+                name, context=cfg.context, horizons=cfg.horizons, snapshot_every=every
+            )
+        seconds[name] = time.time() - t0
+    model = models.pop(cfg.model)
+    result = TrainedForecaster(model, models, split, runs, scores, seconds)
+    if out is not None:
+        from sleepbot.forecast.checkpoint import save_forecaster
+
+        train_cfg = dataclasses.asdict(cfg)
+        save_forecaster(
+            model,
+            out,
+            overwrite=overwrite,
+            baselines={k: v for k, v in models.items() if v.learned},
+            split=split,
+            data=[str(p) for p in paths],
+            snapshot_every=every,
+            train=train_cfg,
+            trainer={
+                k: v
+                for k, v in {**default_trainer_kwargs(), **(trainer_kwargs or {})}.items()
+                if isinstance(v, (int, float, str, bool)) or v is None
+            },
+            val_scores=scores,
+            seconds=seconds,
+        )
+        result.path = str(out)
+    return result
