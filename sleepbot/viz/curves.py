@@ -1,0 +1,138 @@
+"""Learning curves per arm: the median over seeds with an interquartile band, sleep events marked.
+
+Up and to the left is better: an arm that helps reaches the same accuracy in fewer steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sleepbot.analysis import align_curves
+from sleepbot.viz._io import Curve, load_curve_groups, new_figure, save
+
+# The control in black, so every other arm reads against it; the rest in a fixed order (tab10).
+_FIXED = {"none": "#222222", "oracle": "#7f7f7f"}
+_CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
+
+
+def arm_colors(names: list[str]) -> dict[str, str]:
+    """A stable colour per arm name: `none` black, `oracle` grey, the others in order."""
+    out, i = {}, 0
+    for n in names:
+        if n in _FIXED:
+            out[n] = _FIXED[n]
+        else:
+            out[n] = _CYCLE[i % len(_CYCLE)]
+            i += 1
+    return out
+
+
+def curve_bands(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(grid [G], median [G], q25 [G], q75 [G]) over runs, on the first run's validation steps."""
+    grid, values = align_curves([(c.steps, c.values) for c in curves])  # values [R, G]
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+            return (
+                grid,
+                np.nanmedian(values, axis=0),
+                np.nanpercentile(values, 25, axis=0),
+                np.nanpercentile(values, 75, axis=0),
+            )
+
+
+def _draw(ax, groups: dict[str, list[Curve]], colors: dict[str, str], events: bool) -> None:
+    from matplotlib.transforms import blended_transform_factory
+
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    for i, (name, curves) in enumerate(groups.items()):
+        grid, med, lo, hi = curve_bands(curves)
+        c = colors[name]
+        ax.fill_between(grid, lo, hi, color=c, alpha=0.18, linewidth=0)
+        ax.plot(grid, med, color=c, linewidth=1.6, label=f"{name} (n={len(curves)})")
+        if not events:
+            continue
+        # Sleep events: one tick per step at which any run slept, in the arm's colour, in its own row along the
+        # bottom; opacity is the fraction of runs whose sleep was accepted there (rolled-back ones are hollow).
+        steps: dict[int, int] = {}
+        rejected: dict[int, int] = {}
+        for cv in curves:
+            for s in cv.accepted:
+                steps[s] = steps.get(s, 0) + 1
+            for s in cv.rejected:
+                rejected[s] = rejected.get(s, 0) + 1
+        y = 0.03 + 0.035 * i
+        for s, k in steps.items():
+            ax.plot(
+                [s],
+                [y],
+                marker="|",
+                markersize=9,
+                color=c,
+                alpha=0.3 + 0.7 * k / len(curves),
+                transform=trans,
+            )
+        for s in rejected:
+            if s not in steps:
+                ax.plot([s], [y], marker="o", markersize=3, mfc="none", color=c, alpha=0.8, transform=trans)
+
+
+def plot_learning_curves(
+    source: Any,
+    out: str | Path | None = None,
+    *,
+    metric: str = "val_acc",
+    workload: str | None = None,
+    target: float | None = None,
+    title: str | None = None,
+    zoom: bool = True,
+    events: bool = True,
+):
+    """Median learning curve per arm with its interquartile band; sleep events as ticks along the bottom.
+
+    Args:
+        source: a comparison's output directory, a directory of runs, a run file, RunResult(s) or their dicts,
+            or {arm: [runs]} (see `sleepbot.viz._io.load_curve_groups`).
+        out: where to save the figure (PNG, SVG, PDF by suffix); None only returns it.
+        metric: `val_acc` or `val_loss`.
+        workload: which workload of a comparison (default: the first).
+        target: a horizontal line at the target (default: the comparison's own target).
+        title: figure title (default: the workload's name).
+        zoom: add a second panel zoomed on the last stretch of accuracy, where the arms differ.
+        events: mark sleep events.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    groups, meta = load_curve_groups(source, metric, workload)
+    target = meta.get("target") if target is None else target
+    colors = arm_colors(list(groups))
+    fig = new_figure(11 if zoom else 6.5, 4.2)
+    axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
+    ylabel = {"val_acc": "validation accuracy", "val_loss": "validation loss"}.get(metric, metric)
+    for k, ax in enumerate(axes):
+        _draw(ax, groups, colors, events and k == 0)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if target is not None:
+            ax.axhline(target, color="#555555", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    axes[0].legend(loc="lower right" if metric == "val_acc" else "upper right", fontsize=8)
+    if zoom:
+        meds = [curve_bands(c)[1] for c in groups.values()]
+        top = np.nanmax([np.nanmax(m) for m in meds])
+        ref = target if target is not None else top
+        lo = max(0.0, ref - 0.08) if metric == "val_acc" else None
+        if lo is not None:
+            axes[1].set_ylim(lo, min(1.0, top + 0.01) if top > lo else lo + 0.1)
+        axes[1].set_title("zoom: where the arms reach the target", fontsize=9)
+    fig.suptitle(
+        title or meta.get("workload") or "learning curves (up and to the left is better)", fontsize=11
+    )
+    save(fig, out)
+    return fig
