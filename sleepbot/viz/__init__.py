@@ -21,6 +21,7 @@ from typing import Any
 _EXPORTS = {
     "plot_learning_curves": "sleepbot.viz.curves",
     "arm_colors": "sleepbot.viz.curves",
+    "plot_steps_to_target": "sleepbot.viz.curves",
     "plot_norms": "sleepbot.viz.norms",
     "compute_responses": "sleepbot.viz.response",
     "plot_response_grid": "sleepbot.viz.response",

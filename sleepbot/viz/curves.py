@@ -136,3 +136,45 @@ def plot_learning_curves(
     )
     save(fig, out)
     return fig
+
+
+def plot_steps_to_target(source: Any, out: str | Path | None = None, *, workload: str | None = None):
+    """Steps to target per seed, one row per arm: dots for seeds, a bar at the median, misses at the right.
+
+    Args:
+        source: a comparison's output directory or its loaded results dict.
+        out: where to save the figure; None only returns it.
+        workload: which workload (default: the first).
+
+    Returns:
+        The matplotlib Figure.
+    """
+    from sleepbot.compare import load_results
+
+    results = source if isinstance(source, dict) else load_results(source)
+    workload = workload or next(iter(results["workloads"]))
+    w = results["workloads"][workload]
+    arms = [(name, a) for name, a in w["arms"].items() if a.get("n")]
+    colors = arm_colors([name for name, _ in arms])
+    fig = new_figure(7.5, 0.8 + 0.45 * len(arms))
+    ax = fig.subplots()
+    budget = w["budget"]
+    rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
+    for i, (name, a) in enumerate(arms):
+        y = len(arms) - 1 - i
+        steps = np.asarray(a["steps_to_target"], dtype=float)
+        ax.scatter(
+            steps, y + rng.uniform(-0.15, 0.15, steps.size), s=14, color=colors[name], alpha=0.8, zorder=3
+        )
+        ax.plot([a["steps"]["median"]] * 2, [y - 0.3, y + 0.3], color=colors[name], linewidth=2.5, zorder=4)
+        if a["steps"]["lo"] is not None:
+            ax.plot([a["steps"]["lo"], a["steps"]["hi"]], [y, y], color=colors[name], linewidth=1, alpha=0.6)
+    ax.axvspan(budget, ax.get_xlim()[1] if arms else budget * 2.1, color="#dddddd", alpha=0.5, zorder=0)
+    ax.axvline(budget, color="#777777", linewidth=1, linestyle="--")
+    ax.text(budget, len(arms) - 0.4, "  missed (counted as 2x budget)", fontsize=7, color="#555555", va="top")
+    ax.set_yticks(range(len(arms)), [name for name, _ in reversed(arms)])
+    ax.set_xlabel(f"steps to reach val acc {w['target']:.4f} (bar: median; line: 95% CI)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"{workload}: steps to target per seed (left is better)", fontsize=10)
+    save(fig, out)
+    return fig

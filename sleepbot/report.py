@@ -1,0 +1,586 @@
+"""`sleepbot report DIR`: one self-contained HTML page (figures embedded as base64, opens from disk with no
+server) and a Markdown summary with the headline table, from a comparison's output directory or a directory of
+recorded runs.
+
+The page's sections, in order (each an element id, so tests and links can find them): `summary` (the headline
+table), `setup` (workloads, the tuned learning rate and its grid, the target, seeds), `curves` (learning curves
+per arm), `steps` (steps to target per seed), `dynamics` (asymptotes, saturation steps, layers settling),
+`norms` (per-neuron weight norms), `response` (all-ones response grid and animation), `forecast` (forecast
+against actual), `reproduce` (commands, config, failed runs).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sleepbot._version import __version__
+from sleepbot.errors import SleepbotError
+
+SECTIONS = ("summary", "setup", "curves", "steps", "dynamics", "norms", "response", "forecast", "reproduce")
+SECTION_TITLES = {
+    "summary": "Headline",
+    "setup": "Setup",
+    "curves": "Learning curves",
+    "steps": "Steps to target",
+    "dynamics": "Training dynamics",
+    "norms": "Neuron weight norms",
+    "response": "All-ones response",
+    "forecast": "Forecast against actual",
+    "reproduce": "Reproduce",
+}
+
+
+@dataclass
+class _Section:
+    key: str
+    html: list[str] = field(default_factory=list)
+    md: list[str] = field(default_factory=list)
+
+    def text(self, s: str) -> None:
+        self.html.append(f"<p>{html.escape(s)}</p>")
+        self.md.append(s + "\n")
+
+    def note(self, s: str) -> None:
+        self.html.append(f'<p class="note">{html.escape(s)}</p>')
+        self.md.append(f"_{s}_\n")
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _ci(d: dict[str, Any] | None, digits: int) -> str:
+    if not d or d.get("median") is None:
+        return "-"
+    return f"{_fmt(d['median'], digits)} [{_fmt(d['lo'], digits)}, {_fmt(d['hi'], digits)}]"
+
+
+def headline_table(workload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The headline table of one workload: (header, rows of strings)."""
+    header = [
+        "arm",
+        "n",
+        "steps to target, median [95% CI]",
+        "misses",
+        "speedup vs none [95% CI]",
+        "Wilcoxon p",
+        "final test acc",
+        "best test acc",
+        "AUC val acc",
+        "wall s",
+        "saving / oracle's",
+    ]
+    rows = []
+    for name, a in workload["arms"].items():
+        if not a.get("n"):
+            rows.append([name, "0"] + ["-"] * (len(header) - 2))
+            continue
+        sp = a.get("speedup")
+        fo = a.get("fraction_of_oracle")
+        rows.append(
+            [
+                name,
+                str(a["n"]),
+                _ci(a["steps"], 0),
+                str(a["misses"]),
+                f"{_fmt(sp['ratio'], 2)}x [{_fmt(sp['lo'], 2)}, {_fmt(sp['hi'], 2)}]" if sp else "(baseline)",
+                _fmt(sp["p_value"], 3) if sp else "-",
+                _fmt(a["final_test_acc"]["median"], 4),
+                _fmt(a["best_test_acc"]["median"], 4),
+                _fmt(a["auc"]["median"], 3),
+                _fmt(a["wall_seconds"]["median"], 1),
+                f"{_fmt(fo['value'], 2)} [{_fmt(fo['lo'], 2)}, {_fmt(fo['hi'], 2)}]" if fo else "-",
+            ]
+        )
+    return header, rows
+
+
+def _table(sec: _Section, header: list[str], rows: list[list[str]]) -> None:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    sec.html.append(f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>")
+    sec.md.append("| " + " | ".join(header) + " |")
+    sec.md.append("|" + "|".join("---" for _ in header) + "|")
+    sec.md.extend("| " + " | ".join(r) + " |" for r in rows)
+    sec.md.append("")
+
+
+class _Figures:
+    """Renders figures once into PNG (or GIF) bytes, embeds them in the page and writes them for the Markdown."""
+
+    def __init__(self, fig_dir: Path) -> None:
+        self.dir = fig_dir
+        self.failures: list[str] = []
+
+    def add(self, sec: _Section, name: str, make: Callable[[], Any], caption: str) -> bool:
+        """Draw `make()` (a Figure, or a path to an image it wrote) into the section; a failure becomes a note."""
+        try:
+            obj = make()
+        except SleepbotError as e:
+            sec.note(f"{caption}: not drawn ({e})")
+            self.failures.append(f"{name}: {e}")
+            return False
+        if isinstance(obj, (str, Path)):
+            data = Path(obj).read_bytes()
+            fname = Path(obj).name
+            mime = "image/gif" if fname.endswith(".gif") else "image/png"
+        else:
+            buf = io.BytesIO()
+            obj.savefig(buf, format="png", dpi=100)
+            data = buf.getvalue()
+            fname = f"{name}.png"
+            mime = "image/png"
+            (self.dir / fname).write_bytes(data)
+        b64 = base64.b64encode(data).decode("ascii")
+        sec.html.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:{mime};base64,{b64}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+        sec.md.append(f"![{caption}]({self.dir.name}/{fname})\n")
+        return True
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0} th,td{border:1px solid #ccc;padding:.25em .5em;
+text-align:right} th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0} img{max-width:100%;border:1px solid #eee} figcaption{font-size:.85em;color:#555}
+.note{color:#7a5c00;background:#fff8e0;padding:.3em .6em;border-left:3px solid #e0b000}
+nav a{margin-right:1em} pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
+"""
+
+
+def _page(title: str, sections: list[_Section], subtitle: str) -> str:
+    nav = " ".join(f'<a href="#{s.key}">{SECTION_TITLES[s.key]}</a>' for s in sections)
+    body = "\n".join(
+        f'<section id="{s.key}"><h2>{SECTION_TITLES[s.key]}</h2>\n' + "\n".join(s.html) + "\n</section>"
+        for s in sections
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f'<h1>{html.escape(title)}</h1><p class="sub">{html.escape(subtitle)}</p><nav>{nav}</nav>\n{body}\n'
+        "</body></html>\n"
+    )
+
+
+# ------------------------------------------------------------------------------------------- sections
+def _summary(sec: _Section, results: dict[str, Any]) -> None:
+    for wname, w in results["workloads"].items():
+        t = w.get("tuning") or {}
+        grid = t.get("grid")
+        lr = f"lr {_fmt(t.get('lr'), 4)}" + (" (tuned)" if grid else " (not tuned)")
+        sec.html.append(f"<h3>{html.escape(wname)}</h3>")
+        sec.md.append(f"### {wname}\n")
+        sec.text(
+            f"Target: validation accuracy {w['target']:.4f} ({w['target_source']}); budget {w['budget']} steps "
+            f"(a miss counts as {results['config']['miss_factor']:g}x); {lr}. "
+            "Speedup = median steps of none / median steps of the arm (> 1 is faster)."
+        )
+        header, rows = headline_table(w)
+        _table(sec, header, rows)
+        base = w["arms"].get(w["baseline"], {})
+        for name, a in w["arms"].items():
+            sp = a.get("speedup")
+            if not sp or not a.get("n"):
+                continue
+            drop = (a["final_test_acc"]["median"] or 0) - (base.get("final_test_acc", {}).get("median") or 0)
+            verdict = (
+                "faster"
+                if sp["lo"] is not None and sp["lo"] > 1
+                else ("slower" if sp["hi"] is not None and sp["hi"] < 1 else "no clear difference")
+            )
+            sec.md.append(
+                f"- **{name}**: {verdict} than none ({_fmt(sp['ratio'], 2)}x, 95% CI {_fmt(sp['lo'], 2)}-"
+                f"{_fmt(sp['hi'], 2)}, p={_fmt(sp['p_value'], 3)}); final test accuracy {drop:+.4f} vs none."
+            )
+            sec.html.append(
+                f"<p><b>{html.escape(name)}</b>: {verdict} than none ({_fmt(sp['ratio'], 2)}x, 95% CI "
+                f"{_fmt(sp['lo'], 2)}-{_fmt(sp['hi'], 2)}, p={_fmt(sp['p_value'], 3)}); final test accuracy "
+                f"{drop:+.4f} vs none.</p>"
+            )
+        sec.md.append("")
+
+
+def _setup(sec: _Section, results: dict[str, Any]) -> None:
+    cfg = results["config"]
+    sec.text(
+        f"Seeds: {', '.join(map(str, cfg['seeds']))} (the same in every arm). "
+        f"Each run records weight snapshots every {cfg['record_every']} steps."
+    )
+    for wname, w in results["workloads"].items():
+        t = w.get("tuning") or {}
+        sec.html.append(f"<h3>{html.escape(wname)}</h3>")
+        sec.md.append(f"### {wname}\n")
+        run = next(x["run"] for x in cfg["workloads"] if x["name"] == wname)
+        data, model, trainer = run.get("data", {}), run.get("model", {}), run.get("trainer", {})
+        sec.text(
+            f"data {data.get('name', 'digits')}, arch {model.get('arch', 'small_cnn')}, optimizer "
+            f"{model.get('optimizer', 'adam')}, {trainer.get('max_steps', w['budget'])} steps, validation every "
+            f"{trainer.get('val_every_n_steps', 10)} steps."
+        )
+        if t.get("grid"):
+            sec.text(
+                f"The no-sleep baseline's learning rate was tuned first on seeds {t['seeds']}: the lr with the best "
+                f"median final validation accuracy (ties: fewer steps to reach it) is used by every arm."
+            )
+            rows = [
+                [
+                    _fmt(r["lr"], 4) + (" (chosen)" if r["lr"] == t["lr"] else ""),
+                    str(r["n"]),
+                    _fmt(r["median_final_val_acc"], 4),
+                    _fmt(r.get("median_steps_to_best"), 0),
+                ]
+                for r in t["table"]
+            ]
+            _table(sec, ["lr", "runs", "median final val acc", "median steps to the best accuracy"], rows)
+        else:
+            sec.note(f"The learning rate ({_fmt(t.get('lr'), 4)}) was NOT tuned: speedups may be lr effects.")
+    rows = []
+    for a in cfg["arms"]:
+        s = dict(a["sleep"])
+        strategy = s.pop("strategy")
+        rows.append([a["name"], strategy, ", ".join(f"{k}={v}" for k, v in sorted(s.items())) or "defaults"])
+    _table(sec, ["arm", "strategy", "sleep settings"], rows)
+
+
+def _dynamics(sec: _Section, out: Path, results: dict[str, Any], workload: str) -> None:
+    from sleepbot.analysis import fit_asymptote, layer_dynamics
+    from sleepbot.compare import load_runs
+
+    sec.text(
+        "Asymptote: a fit of a - b exp(-t / tau) to each run's validation curve; saturation step: where the fit "
+        "comes within 0.01 of its asymptote. Layer settled: the first step from which the relative spread of the "
+        "layer's neuron norms changes by at most 1e-4 per step until the end (medians over seeds; '-' = never)."
+    )
+    groups = load_runs(out, workload)
+    rows = []
+    layer_rows = []
+    layer_names: list[str] = []
+    for arm, runs in groups.items():
+        fits = []
+        for r in runs:
+            if len(r.get("val_acc") or []) >= 3:
+                fits.append(fit_asymptote(r["val_step"], r["val_acc"]))
+        if fits:
+            sat = [f.saturation_step for f in fits]
+            rows.append(
+                [
+                    arm,
+                    str(len(fits)),
+                    _fmt(float(np.median([f.value for f in fits])), 4),
+                    _fmt(float(np.median(sat)), 0),
+                    f"{sum(f.saturated for f in fits)}/{len(fits)}",
+                    _fmt(float(np.median([f.r2 for f in fits])), 3),
+                ]
+            )
+        settled: dict[str, list[float]] = {}
+        for r in runs:
+            path = r.get("record_path")
+            if not path or not Path(path).is_file():
+                continue
+            from sleepbot.store import RunFile, StoreError
+
+            try:
+                with RunFile(path) as f:
+                    for name, d in layer_dynamics(f).items():
+                        settled.setdefault(name, []).append(
+                            np.inf if d.settled_step is None else d.settled_step
+                        )
+            except StoreError:
+                continue
+        if settled:
+            layer_names = layer_names or list(settled)
+            cells = []
+            for name in layer_names:
+                v = float(np.median(settled.get(name, [np.inf])))
+                cells.append("-" if not math.isfinite(v) else _fmt(v, 0))
+            layer_rows.append([arm, *cells])
+    if rows:
+        _table(sec, ["arm", "runs", "asymptote (median)", "saturation step", "saturated", "fit R^2"], rows)
+    if layer_rows:
+        _table(sec, ["arm", *[f"{n} settled at" for n in layer_names]], layer_rows)
+
+
+def _run_files(out: Path, results: dict[str, Any], workload: str) -> dict[str, str]:
+    """One recorded run per arm, all of the same seed (the first seed), for the per-run figures."""
+    seed = results["config"]["seeds"][0]
+    paths = {}
+    for rec in results["runs"]:
+        if rec["workload"] == workload and rec["seed"] == seed:
+            p = out / "runs" / f"{rec['stem']}.h5"
+            if p.is_file():
+                paths[rec["arm"]] = str(p)
+    return paths
+
+
+def _forecast(sec: _Section, figs: _Figures, forecaster: str | None, run_path: str | None) -> None:
+    if run_path is None:
+        sec.note("No recorded run to forecast.")
+        return
+    try:
+        from sleepbot.viz import forecast as fviz
+    except ImportError as e:
+        sec.note(f"The forecast plot is not available in this install ({e}).")
+        return
+    plot = getattr(fviz, "plot_forecast", None) or getattr(fviz, "plot_forecast_vs_actual", None)
+    if plot is None:
+        sec.note(
+            "The forecast plot is not available in this install (sleepbot.viz.forecast has no plot function)."
+        )
+        return
+    sec.text(
+        "Forecast against actual for sample neurons of a run the forecaster never saw: the learned forecaster's "
+        "prediction and linear extrapolation, from the same context, against the recorded weights."
+    )
+    figs.add(
+        sec,
+        "forecast",
+        lambda: plot(run_path, forecaster=forecaster),
+        f"forecast vs actual: {Path(run_path).stem}",
+    )
+
+
+# ------------------------------------------------------------------------------------------- writers
+def write_report(
+    source: str | Path,
+    out: str | Path | None = None,
+    *,
+    forecaster: str | None = None,
+    title: str | None = None,
+    overwrite: bool = False,
+    animation: bool = True,
+) -> tuple[Path, Path]:
+    """Write `report.html` (self-contained) and `report.md` (+ `figures/`) for a comparison or a directory of runs.
+
+    Args:
+        source: a comparison's output directory (`sleepbot compare --out`), or a directory of run files.
+        out: where to write (default: `source`).
+        forecaster: the forecaster checkpoint for the forecast section (default: the learned arm's, if any).
+        title: the page title.
+        overwrite: replace an existing report.html / report.md.
+        animation: embed the all-ones response animation (a GIF; MP4 written beside it when ffmpeg exists).
+
+    Returns:
+        (path of report.html, path of report.md).
+    """
+    src = Path(source)
+    if not src.is_dir():
+        raise SleepbotError(
+            f"report source {str(src)!r} is not a directory (a compare --out dir or a dir of runs)"
+        )
+    dest = Path(out) if out is not None else src
+    html_path, md_path = dest / "report.html", dest / "report.md"
+    for p in (html_path, md_path):
+        if p.exists() and not overwrite:
+            raise SleepbotError(f"{str(p)!r} exists; pass --overwrite to replace it")
+    fig_dir = dest / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figs = _Figures(fig_dir)
+    t0 = time.time()
+    if (src / "results.json").is_file():
+        sections, page_title = _compare_sections(src, figs, forecaster, animation)
+    else:
+        sections, page_title = _runs_sections(src, figs, animation)
+    page_title = title or page_title
+    subtitle = f"sleepbot {__version__}, written {time.strftime('%Y-%m-%d %H:%M')} from {src.resolve()}"
+    tmp = html_path.with_suffix(".html.tmp")
+    tmp.write_text(_page(page_title, sections, subtitle))
+    tmp.replace(html_path)
+    md = [f"# {page_title}\n", f"_{subtitle}; figures in `{fig_dir.name}/`, full page in `report.html`._\n"]
+    for s in sections:
+        md.append(f"## {SECTION_TITLES[s.key]}\n")
+        md.extend(s.md)
+    md_path.write_text("\n".join(md) + "\n")
+    _ = time.time() - t0
+    return html_path, md_path
+
+
+def _compare_sections(src: Path, figs: _Figures, forecaster: str | None, animation: bool):
+    from sleepbot.compare import load_results
+    from sleepbot.viz.curves import plot_learning_curves, plot_steps_to_target
+    from sleepbot.viz.norms import plot_norms
+    from sleepbot.viz.response import animate_response, compute_responses, has_ffmpeg, plot_response_grid
+
+    results = load_results(src)
+    secs = {k: _Section(k) for k in SECTIONS}
+    _summary(secs["summary"], results)
+    _setup(secs["setup"], results)
+    for wname in results["workloads"]:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in wname)
+        secs["curves"].html.append(f"<h3>{html.escape(wname)}</h3>")
+        secs["curves"].md.append(f"### {wname}\n")
+        figs.add(
+            secs["curves"],
+            f"curves_{safe}",
+            lambda w=wname: plot_learning_curves(src, workload=w),
+            f"{wname}: validation accuracy, median over seeds with interquartile band; ticks = sleeps",
+        )
+        figs.add(
+            secs["steps"],
+            f"steps_{safe}",
+            lambda w=wname: plot_steps_to_target(results, workload=w),
+            f"{wname}: steps to target per seed",
+        )
+        secs["dynamics"].html.append(f"<h3>{html.escape(wname)}</h3>")
+        secs["dynamics"].md.append(f"### {wname}\n")
+        _dynamics(secs["dynamics"], src, results, wname)
+    # Per-run figures: the first workload, the first seed, the baseline and the most interesting sleeping arm.
+    w0 = next(iter(results["workloads"]))
+    files = _run_files(src, results, w0)
+    base_arm = results["workloads"][w0]["baseline"]
+    sleeper = next((a for a in ("learned", "linear") if a in files), None) or next(
+        (a for a in files if a != base_arm), None
+    )
+    for arm in [a for a in (base_arm, sleeper) if a in files]:
+        figs.add(
+            secs["norms"],
+            f"norms_{arm}",
+            lambda a=arm: plot_norms(files[a]),
+            f"{w0}, arm {arm}, seed {results['config']['seeds'][0]}: per-neuron norms (lines, heatmap) and the "
+            "relative spread with its rate of change",
+        )
+    if base_arm in files:
+        try:
+            resp = compute_responses(files[base_arm])
+        except SleepbotError as e:
+            secs["response"].note(f"not drawn ({e})")
+            resp = None
+        if resp is not None:
+            secs["response"].text(
+                "Each layer's output for an all-ones input, rebuilt from the run's weight snapshots "
+                "(columns: layers; rows: steps; red positive, blue negative, one colour scale per layer)."
+            )
+            figs.add(
+                secs["response"],
+                "response_grid",
+                lambda: plot_response_grid(files[base_arm], responses=resp),
+                f"all-ones response over training ({base_arm}, seed {results['config']['seeds'][0]})",
+            )
+            if animation:
+                gif = figs.dir / "response.gif"
+                figs.add(
+                    secs["response"],
+                    "response_gif",
+                    lambda: animate_response(files[base_arm], gif, responses=resp),
+                    "the same, animated over every snapshot",
+                )
+                if has_ffmpeg():
+                    try:
+                        mp4 = animate_response(files[base_arm], figs.dir / "response.mp4", responses=resp)
+                        secs["response"].text(f"MP4 version: {figs.dir.name}/{mp4.name}")
+                    except SleepbotError as e:
+                        secs["response"].note(f"MP4 not written ({e})")
+    else:
+        secs["norms"].note("No recorded run of the baseline was found.")
+        secs["response"].note("No recorded run of the baseline was found.")
+    if forecaster is None:
+        for a in results["config"]["arms"]:
+            if a["sleep"].get("strategy") == "learned" and a["sleep"].get("forecaster"):
+                forecaster = a["sleep"]["forecaster"]
+    _forecast(secs["forecast"], figs, forecaster, files.get(base_arm))
+    _reproduce(secs["reproduce"], src, results)
+    return [secs[k] for k in SECTIONS], f"sleepbot comparison: {', '.join(results['workloads'])}"
+
+
+def _reproduce(sec: _Section, src: Path, results: dict[str, Any]) -> None:
+    sec.text(
+        f"Every run's result is in {src}/runs/ (one JSON and one HDF5 recording per run); the statistics are in "
+        f"results.json and results.csv. Rerunning the same compare command skips finished runs."
+    )
+    cmd = f"sleepbot compare --config <the compare YAML> --out {src}\nsleepbot report {src} --overwrite"
+    sec.html.append(f"<pre>{html.escape(cmd)}</pre>")
+    sec.md.append(f"```\n{cmd}\n```\n")
+    errors = results.get("errors") or {}
+    if errors:
+        sec.note(f"{len(errors)} run(s) failed and are left out of the statistics:")
+        rows = [[k, v] for k, v in sorted(errors.items())]
+        _table(sec, ["run", "error"], rows)
+    cfg = json.dumps(results["config"], indent=1)
+    sec.html.append(
+        f"<details><summary>resolved compare config</summary><pre>{html.escape(cfg)}</pre></details>"
+    )
+    sec.md.append(f"<details><summary>resolved compare config</summary>\n\n```json\n{cfg}\n```\n</details>\n")
+
+
+def _runs_sections(src: Path, figs: _Figures, animation: bool):
+    """A report on a plain directory of run files (a `collect` output): no arms, no statistics."""
+    from sleepbot.store import RunFile, StoreError
+    from sleepbot.viz._io import run_paths
+    from sleepbot.viz.curves import plot_learning_curves
+    from sleepbot.viz.norms import plot_norms
+    from sleepbot.viz.response import animate_response, compute_responses, plot_response_grid
+
+    paths = run_paths(src)
+    secs = {k: _Section(k) for k in SECTIONS}
+    rows = []
+    first = None
+    for p in paths:
+        try:
+            with RunFile(p) as f:
+                s = f.summary()
+                if first is None and f.complete:
+                    first = p
+        except StoreError as e:
+            rows.append([p.name, "unreadable", str(e)] + ["-"] * 5)
+            continue
+        rows.append(
+            [s["file"], s["status"], s["dataset"], s["arch"], s["optimizer"], _fmt(s["lr"], 4), str(s["seed"]),
+             _fmt(s["val_acc"], 4)]
+        )  # fmt: skip
+    first = first or paths[0]
+    secs["summary"].text(f"{len(paths)} recorded run(s) in {src}; no comparison (no results.json).")
+    _table(
+        secs["summary"],
+        ["file", "status", "dataset", "arch", "optimizer", "lr", "seed", "final val acc"],
+        rows,
+    )
+    secs["setup"].note(
+        "A directory of runs has no arms, target or tuned learning rate: see `sleepbot compare`."
+    )
+    figs.add(
+        secs["curves"],
+        "curves",
+        lambda: plot_learning_curves(src, zoom=False),
+        "validation accuracy by strategy",
+    )
+    secs["steps"].note("Steps to target need a comparison (`sleepbot compare`).")
+    secs["dynamics"].note(
+        "Per-arm statistics need a comparison; the norm figure below shows the settling signal."
+    )
+    figs.add(secs["norms"], "norms", lambda: plot_norms(first), f"per-neuron norms: {first.stem}")
+    try:
+        resp = compute_responses(first)
+        figs.add(
+            secs["response"], "response_grid", lambda: plot_response_grid(first, responses=resp), first.stem
+        )
+        if animation:
+            gif = figs.dir / "response.gif"
+            figs.add(
+                secs["response"],
+                "response_gif",
+                lambda: animate_response(first, gif, responses=resp),
+                "animated",
+            )
+    except SleepbotError as e:
+        secs["response"].note(f"not drawn ({e})")
+    secs["forecast"].note("Give `sleepbot report --forecaster FILE` on a comparison to plot forecasts.")
+    secs["reproduce"].text(f"sleepbot report {src} --overwrite")
+    return [secs[k] for k in SECTIONS], f"sleepbot runs: {src.name}"
