@@ -61,6 +61,61 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- compare
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="compare YAML (see configs/compare_*.yaml)")
+    p.add_argument("--out", required=True, help="output directory (resumable: finished runs are skipped)")
+    p.add_argument("--seeds", type=int, help="override the number of seeds")
+    p.add_argument("--workers", type=int, help="parallel worker processes (default: one per core)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="reuse an out dir that holds another config's comparison"
+    )
+    p.add_argument("--report", action="store_true", help="write the HTML/Markdown report when done")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from sleepbot.compare import compare, format_table, load_compare_config
+
+    cfg = load_compare_config(args.config, seeds=args.seeds)
+    results = compare(cfg, args.out, workers=args.workers, overwrite=args.overwrite)
+    print(format_table(results))
+    if results["errors"]:
+        print(
+            f"{len(results['errors'])} run(s) failed; see 'errors' in {args.out}/results.json",
+            file=sys.stderr,
+        )
+    print(f"results: {args.out}/results.json, {args.out}/results.csv")
+    if args.report:
+        from sleepbot.report import write_report
+
+        html_path, _ = write_report(args.out, overwrite=True)
+        print(f"report: {html_path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- report
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a `compare --out` directory, or a directory of run files")
+    p.add_argument("--out", help="where to write report.html / report.md (default: DIR)")
+    p.add_argument("--forecaster", help="forecaster checkpoint for the forecast section")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--no-animation", action="store_true", help="skip the all-ones response animation")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from sleepbot.report import write_report
+
+    html_path, md_path = write_report(
+        args.dir,
+        args.out,
+        forecaster=args.forecaster,
+        overwrite=args.overwrite,
+        animation=not args.no_animation,
+    )
+    print(f"report: {html_path}\nsummary: {md_path}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
@@ -82,6 +137,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
     # name: (help, add_arguments, run, takes dotted config overrides)
     "train": ("train one run from a YAML config plus dotted overrides", _add_train, _run_train, True),
+    "compare": (
+        "sleep strategies x seeds x workloads against a tuned baseline",
+        _add_compare,
+        _run_compare,
+        False,
+    ),
+    "report": ("write the HTML page and Markdown summary of a comparison", _add_report, _run_report, False),
     "demo": ("the main job on the embedded digits data", _add_demo, _run_demo, False),
 }
 
