@@ -23,6 +23,8 @@ ARCHS = ("small_cnn", "lenet5", "resnet_tiny", "cnn1d", "mlp")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 LOGGERS = ("auto", "csv", "tensorboard", "none")
+SLEEP_STRATEGIES = ("none", "linear", "learned", "noise", "square_normalize", "lookahead", "oracle", "random")
+SLEEP_OPTIMIZER_STATE = ("keep", "reset", "rescale")
 
 
 @dataclass
@@ -82,19 +84,26 @@ class RecordConfig:
 
 @dataclass
 class SleepConfig:
-    """Sleep callback options (see sleep/); strategy `none` is the control."""
+    """Sleep callback options (see sleep/); strategy `none` is the control.
+
+    `every_n_steps`, `horizon`, `snapshot_every` and `context` left at None take the strategy's own defaults
+    (a forecaster's context and snapshot spacing, Lookahead's k), else 50, 5, 10 and 5.
+    """
 
     strategy: str = "none"
-    every_n_steps: int = 50
+    every_n_steps: int | None = None
     start_step: int = 0
     stop_step: int | None = None
-    horizon: int = 5  # in snapshots
-    snapshot_every: int = 10  # steps between the snapshots kept in the ring buffer
-    context: int = 5  # snapshots the strategy reads
+    horizon: int | None = None  # in snapshots
+    snapshot_every: int | None = None  # steps between the snapshots kept in the ring buffer
+    context: int | None = None  # snapshots the strategy reads
     forecaster: str | None = None  # checkpoint for `learned`; None: the shipped default
     optimizer_state: str = "keep"  # keep | reset | rescale
     check_batches: int = 0
     tolerance: float = 0.0
+    after_plateau: bool = False  # sleep only once validation accuracy has flattened
+    plateau_window: int = 5
+    plateau_delta: float = 0.005
     options: dict = field(default_factory=dict)  # strategy-specific keyword arguments (alpha, k, ...)
 
 
@@ -128,6 +137,8 @@ _CHOICES = {
     ("model", "optimizer"): OPTIMIZERS,
     ("model", "schedule"): SCHEDULES,
     ("trainer", "logger"): LOGGERS,
+    ("sleep", "strategy"): SLEEP_STRATEGIES,
+    ("sleep", "optimizer_state"): SLEEP_OPTIMIZER_STATE,
 }
 
 

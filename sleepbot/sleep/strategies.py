@@ -1,0 +1,353 @@
+"""The built-in sleep strategies, one SleepStrategy subclass and one registry line each.
+
+Every strategy works on one layer: `history` [C, N, F] (oldest first, `history[-1]` = now) -> new weights [N, F].
+
+| name               | what it proposes                                                                          |
+|--------------------|-------------------------------------------------------------------------------------------|
+| `none`             | nothing (the control; the callback never runs it)                                         |
+| `linear`           | a least-squares line through each weight's C snapshots, read `horizon` snapshots ahead    |
+| `learned`          | a forecaster checkpoint's prediction `horizon` snapshots ahead (sleepbot.forecast)        |
+| `noise`            | w + alpha * abs(w) * eps, eps ~ N(0, 1) per weight                                         |
+| `square_normalize` | per neuron: sign(w) * w^2, rescaled to the neuron's own L2 norm (bias included)           |
+| `lookahead`        | Lookahead (Zhang et al. 2019): slow + alpha * (fast - slow), every k steps                |
+| `oracle`           | the weights a recorded run (same seed, no sleep) had `horizon` snapshots later            |
+| `random`           | a jump of the same per-layer size as another strategy's (default linear), random direction |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sleepbot.errors import SleepbotError
+from sleepbot.sleep.base import LayerContext, SleepSettings, SleepStrategy, make_strategy, register_strategy
+
+
+@register_strategy("none")
+class NoSleep(SleepStrategy):
+    """The control: never moves the weights. The Sleep callback does nothing at all with it."""
+
+    moves_weights = False
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        return history[-1].clone()
+
+    def defaults(self) -> dict[str, Any]:
+        return {"context": 1}
+
+
+@register_strategy("linear")
+class LinearExtrapolation(SleepStrategy):
+    """Fit a least-squares line to each weight's C snapshots and read it `horizon` snapshots after the last.
+
+    Time is measured in snapshots from the last one, t_c = (steps_c - steps_{C-1}) / snapshot_every, so an
+    unevenly spaced history (a custom schedule between grid points) is still fitted correctly. With C = 2 this is
+    the secant through the last two snapshots.
+    """
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        t = (ctx.steps.to(torch.float64) - float(ctx.steps[-1])) / ctx.snapshot_every  # [C]
+        tc = (t - t.mean()).to(history.dtype).to(history.device)  # [C], centred
+        mean = history.mean(0)  # [N, F]
+        slope = torch.einsum("c,cnf->nf", tc, history - mean) / tc.pow(2).sum()  # [N, F], per snapshot
+        return mean + slope * float(horizon - t.mean())
+
+    def validate(self, settings: SleepSettings) -> None:
+        if settings.context < 2:
+            raise SleepbotError(f"linear extrapolation needs context >= 2 snapshots, got {settings.context}")
+
+
+@register_strategy("noise")
+class ProportionalNoise(SleepStrategy):
+    """w <- w + alpha * |w| * eps with eps ~ N(0, 1), independently per weight (and bias).
+
+    Args:
+        alpha: the noise's standard deviation relative to each weight's magnitude.
+    """
+
+    def __init__(self, alpha: float = 0.01) -> None:
+        if not alpha >= 0:
+            raise SleepbotError(f"noise alpha must be >= 0, got {alpha}")
+        self.alpha = float(alpha)
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        w = history[-1]
+        # Drawn on the CPU from the callback's generator, so the draw is the same on every device.
+        eps = torch.randn(w.shape, generator=ctx.generator, dtype=w.dtype).to(w.device)
+        return w + self.alpha * w.abs() * eps
+
+    def defaults(self) -> dict[str, Any]:
+        return {"context": 1}
+
+
+@register_strategy("square_normalize")
+class SquareNormalize(SleepStrategy):
+    """Per neuron (a row of [N, F]: its incoming weights and its bias), square every weight keeping its sign, then
+    rescale the row so that its L2 norm is the neuron's norm before the step:
+
+        s = sign(w) * w^2;   w <- (1 - mix) * w + mix * s * ||w|| / ||s||
+
+    Relative to the neuron's largest weights, weak weights shrink (a weight of 10% of the largest ends at 1%):
+    synaptic down-scaling that keeps each neuron's overall strength. A neuron whose weights are all zero is left
+    alone. `mix` = 1 (the default) is the rule exactly as the original Sleepbot describes it; smaller values move
+    only part of the way.
+
+    Args:
+        mix: fraction of the way to the squared-and-normalised row, in [0, 1].
+    """
+
+    def __init__(self, mix: float = 1.0) -> None:
+        if not 0.0 <= mix <= 1.0:
+            raise SleepbotError(f"square_normalize mix must be in [0, 1], got {mix}")
+        self.mix = float(mix)
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        w = history[-1]  # [N, F]
+        s = w.sign() * w.pow(2)
+        norm_w = w.norm(dim=1, keepdim=True)  # [N, 1]
+        norm_s = s.norm(dim=1, keepdim=True)
+        target = torch.where(norm_s > 0, s * (norm_w / norm_s.clamp_min(torch.finfo(w.dtype).tiny)), w)
+        return (1.0 - self.mix) * w + self.mix * target
+
+    def defaults(self) -> dict[str, Any]:
+        return {"context": 1}
+
+
+@register_strategy("lookahead")
+class Lookahead(SleepStrategy):
+    """Lookahead (Zhang et al., NeurIPS 2019) as a sleep: every k steps the slow weights move `alpha` of the way to
+    the fast ones (the weights the optimizer reached), and the fast ones restart there.
+
+    The slow weights are the weights right after the previous sleep: the callback clears its ring buffer after
+    every accepted jump, so with snapshots every k steps and a context of 2, `history[0]` is exactly the slow
+    weights and `history[-1]` the fast ones. The optimizer state is left to the callback (Lookahead keeps it).
+
+    Args:
+        alpha: the slow weights' step toward the fast ones.
+        k: steps between synchronisations; sets the callback's every_n_steps and snapshot_every.
+    """
+
+    def __init__(self, alpha: float = 0.5, k: int = 5) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise SleepbotError(f"lookahead alpha must be in (0, 1], got {alpha}")
+        if k < 1:
+            raise SleepbotError(f"lookahead k must be >= 1, got {k}")
+        self.alpha = float(alpha)
+        self.k = int(k)
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        slow, fast = history[0], history[-1]
+        return slow + self.alpha * (fast - slow)
+
+    def defaults(self) -> dict[str, Any]:
+        return {"every_n_steps": self.k, "snapshot_every": self.k, "context": 2}
+
+    def validate(self, settings: SleepSettings) -> None:
+        span = (settings.context - 1) * settings.snapshot_every
+        if settings.context < 2 or (not settings.custom_schedule and span != settings.every_n_steps):
+            raise SleepbotError(
+                f"lookahead reads the slow weights every_n_steps ago: it needs context >= 2 and "
+                f"(context - 1) * snapshot_every == every_n_steps, got context {settings.context}, "
+                f"snapshot_every {settings.snapshot_every}, every_n_steps {settings.every_n_steps} "
+                f"(leave them unset to use k={self.k})"
+            )
+
+
+@register_strategy("learned")
+class Learned(SleepStrategy):
+    """A trained forecaster (sleepbot.forecast) moves every neuron `horizon` snapshots ahead.
+
+    The forecaster fixes how many snapshots it reads (`context`) and, when its checkpoint records it, how far
+    apart they were in its training data (`snapshot_every`); the callback takes those as its defaults and refuses
+    settings that differ. A learned forecaster predicts horizons up to the largest it was trained for
+    (interpolating between them); the default horizon is the forecaster's `default_horizon` if it has one, else
+    5 snapshots (capped at its largest horizon).
+
+    Args:
+        forecaster: path to a forecaster checkpoint; None loads the default one shipped with sleepbot.
+    """
+
+    def __init__(self, forecaster: str | None = None) -> None:
+        from sleepbot.forecast import load_forecaster
+
+        self.forecaster = None if forecaster is None else str(forecaster)
+        self.model = load_forecaster(forecaster)
+
+    def options(self) -> dict[str, Any]:
+        return {"forecaster": self.forecaster}
+
+    def _max_horizon(self) -> int | None:
+        return max(int(h) for h in self.model.horizons) if getattr(self.model, "learned", False) else None
+
+    def defaults(self) -> dict[str, Any]:
+        f = self.model
+        horizon = getattr(f, "default_horizon", None)
+        if horizon is None:
+            horizon = min(5, self._max_horizon() or 5)
+        out = {"context": int(f.context), "horizon": int(horizon)}
+        if f.snapshot_every is not None:
+            out["snapshot_every"] = int(f.snapshot_every)
+            out["every_n_steps"] = int(f.context) * int(f.snapshot_every)
+        return out
+
+    def validate(self, settings: SleepSettings) -> None:
+        f = self.model
+        if settings.context != int(f.context):
+            raise SleepbotError(
+                f"this forecaster reads context={f.context} snapshots; got context={settings.context} (leave it unset)"
+            )
+        if f.snapshot_every is not None and settings.snapshot_every != int(f.snapshot_every):
+            raise SleepbotError(
+                f"this forecaster was trained on snapshots {f.snapshot_every} steps apart; got "
+                f"snapshot_every={settings.snapshot_every} (leave it unset)"
+            )
+        top = self._max_horizon()
+        if top is not None and settings.horizon > top:
+            raise SleepbotError(
+                f"this forecaster predicts up to {top} snapshots ahead (trained horizons "
+                f"{list(f.horizons)}); got horizon {settings.horizon}"
+            )
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        gaps = torch.diff(ctx.steps)
+        if gaps.numel() and bool((gaps != ctx.snapshot_every).any()):
+            raise SleepbotError(
+                f"the learned strategy needs snapshots exactly {ctx.snapshot_every} steps apart; a custom "
+                f"schedule slept at step {ctx.step}, between snapshot steps (history steps {ctx.steps.tolist()})"
+            )
+        out = self.model.predict(history.cpu(), int(horizon), kind=ctx.kind, progress=ctx.progress)
+        return torch.as_tensor(out).to(dtype=history.dtype, device=history.device)
+
+
+@register_strategy("oracle")
+class Oracle(SleepStrategy):
+    """The control with perfect foresight: at each sleep at step t, jump to the weights that a recorded run of the
+    same config and seed without sleep had at step t + horizon * snapshot_every (its HDF5 run file, read through
+    sleepbot.store).
+
+    If that step was not recorded, the latest recorded snapshot before it is used; a sleep past the end of the
+    recording leaves the weights as they are. Neurons the recorder did not keep (layers wider than its
+    `max_neurons_per_layer`) stay where they are.
+
+    Args:
+        run: path to the recorded no-sleep run (`sleepbot collect` or a TrajectoryRecorder).
+        mode: `absolute` jumps to the recorded weights; `displacement` adds the recorded run's displacement from
+            t to the target step to the current weights (it needs a snapshot at t in the recording).
+    """
+
+    def __init__(self, run: str, mode: str = "absolute") -> None:
+        if mode not in ("absolute", "displacement"):
+            raise SleepbotError(f"unknown oracle mode {mode!r}; valid: absolute, displacement")
+        self.run = str(run)
+        self.mode = mode
+        self._file: Any = None
+        self._steps: list[int] = []
+
+    def defaults(self) -> dict[str, Any]:
+        return {"context": 1}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_file"] = (
+            None  # an open HDF5 file does not pickle (ddp_spawn, worker processes): setup reopens
+        )
+        return state
+
+    def setup(self, model: torch.nn.Module, max_steps: int) -> None:
+        from sleepbot.store import RunFile
+
+        self._file = RunFile(self.run)
+        self._steps = [int(s) for s in self._file.snapshot_steps]
+
+    def _index_at_or_before(self, step: int) -> int | None:
+        best = None
+        for i, s in enumerate(self._steps):
+            if s <= step:
+                best = i
+        return best
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        if self._file is None:
+            raise SleepbotError(
+                "the oracle strategy was used before setup(); use it through the Sleep callback"
+            )
+        cur = history[-1]
+        target = self._index_at_or_before(ctx.step + horizon * ctx.snapshot_every)
+        if target is None or self._steps[target] <= ctx.step:
+            return cur.clone()
+        if ctx.layer not in self._file.layers:
+            raise SleepbotError(
+                f"oracle run {self.run!r} has no layer {ctx.layer!r}; it has {', '.join(self._file.layers)}"
+            )
+        rows = _kept_neurons(self._file, ctx.layer, cur.shape[0])  # [N_kept]
+        future = torch.as_tensor(self._file.weights(ctx.layer, snapshots=[target]))[0]  # [N_kept, F]
+        if future.shape[-1] != cur.shape[-1]:
+            raise SleepbotError(
+                f"oracle run {self.run!r} layer {ctx.layer!r} has {future.shape[-1]} inputs per neuron, "
+                f"the model has {cur.shape[-1]}: it is not a run of this model"
+            )
+        future = future.to(dtype=cur.dtype, device=cur.device)
+        out = cur.clone()
+        if self.mode == "absolute":
+            out[rows] = future
+        else:
+            now = self._index_at_or_before(ctx.step)
+            if now is None or self._steps[now] != ctx.step:
+                raise SleepbotError(
+                    f"oracle mode 'displacement' needs a recorded snapshot at step {ctx.step}"
+                )
+            present = torch.as_tensor(self._file.weights(ctx.layer, snapshots=[now]))[0]
+            out[rows] = cur[rows] + future - present.to(dtype=cur.dtype, device=cur.device)
+        return out
+
+
+def _kept_neurons(run_file: Any, layer: str, n: int) -> torch.Tensor:
+    """Indices of the layer's neurons that the run file kept, [N_kept] (all N when it did not subsample)."""
+    idx = torch.as_tensor(run_file.layer_info(layer)["neurons"], dtype=torch.long)
+    if idx.numel() and int(idx.max()) >= n:
+        raise SleepbotError(
+            f"the oracle run keeps neuron {int(idx.max())} of layer {layer!r}; the model has {n}"
+        )
+    return idx
+
+
+@register_strategy("random")
+class RandomJump(SleepStrategy):
+    """The matched random control: a jump of the same per-layer size (Frobenius norm of the displacement) as
+    another strategy's jump, in a uniformly random direction.
+
+    Args:
+        base: the strategy whose jump size is matched (a registry name or an instance); default `linear`.
+        **base_options: options for `base` when it is given by name (e.g. `forecaster` for `learned`).
+    """
+
+    def __init__(self, base: str | SleepStrategy = "linear", **base_options: Any) -> None:
+        if base == "random" or isinstance(base, RandomJump):
+            raise SleepbotError("the random strategy cannot match the size of another random jump")
+        self.base = make_strategy(base, **base_options)
+        self.base_options = base_options
+
+    def options(self) -> dict[str, Any]:
+        return {"base": self.base.describe()}
+
+    def defaults(self) -> dict[str, Any]:
+        return self.base.defaults()
+
+    def validate(self, settings: SleepSettings) -> None:
+        self.base.validate(settings)
+
+    def setup(self, model: torch.nn.Module, max_steps: int) -> None:
+        self.base.setup(model, max_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state)
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        cur = history[-1]
+        size = (self.base.propose(history, horizon, ctx) - cur).norm()
+        eps = torch.randn(cur.shape, generator=ctx.generator, dtype=cur.dtype).to(cur.device)
+        return cur + eps * (size / eps.norm().clamp_min(torch.finfo(cur.dtype).tiny))

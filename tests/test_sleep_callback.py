@@ -1,0 +1,259 @@
+"""The Sleep callback in real Lightning Trainers, on a tiny LightningModule that is not sleepbot's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from test_sleep_helpers import TinyNet, digits_loader, digits_tensors, trainer, weights
+from torch import nn
+from torch.utils.data import DataLoader
+
+from sleepbot.errors import SleepbotError
+from sleepbot.neurons import neuron_matrix
+from sleepbot.sleep import Sleep, SleepStrategy, adjust_optimizer_state
+
+
+class Recorder(SleepStrategy):
+    """Remembers what it was shown; moves every weight by +delta (or returns NaN / blows up on request)."""
+
+    def __init__(self, delta: float = 0.0, mode: str = "shift") -> None:
+        self.delta = delta
+        self.mode = mode
+        self.seen: list[tuple[str, list[int], tuple[int, ...]]] = []
+        self.model: nn.Module | None = None
+
+    def setup(self, model, max_steps):
+        self.model = model
+
+    def propose(self, history, horizon, ctx):
+        self.seen.append((ctx.layer, ctx.steps.tolist(), tuple(history.shape)))
+        # the last row of the history is always the weights the layer holds now
+        torch.testing.assert_close(history[-1], neuron_matrix(self.model.get_submodule(ctx.layer)))
+        if self.mode == "nan" and ctx.layer == "head":
+            return torch.full_like(history[-1], math.nan)
+        if self.mode == "blowup":
+            return history[-1] * 50.0
+        return history[-1] + self.delta
+
+
+def _fit(callbacks, max_steps=24, seed=0, net=TinyNet, **kw):
+    pl.seed_everything(seed, verbose=False)
+    module = net()  # built after seeding: same initial weights in every run
+    trainer(max_steps, callbacks, **kw).fit(module, digits_loader())
+    return module
+
+
+def test_schedule_ring_buffer_and_history():
+    rec = Recorder(delta=0.01)
+    cb = Sleep(rec, every_n_steps=6, snapshot_every=2, context=3, start_step=6, stop_step=20)
+    _fit([cb])
+    assert [e["step"] for e in cb.events] == [6, 12, 18]
+    assert all(e["accepted"] and e["reason"] == "ok" for e in cb.events)
+    by_layer = {}
+    for layer, steps, shape in rec.seen:
+        by_layer.setdefault(layer, []).append(steps)
+        assert shape[0] == 3
+    # the ring buffer restarts after each accepted jump: the snapshot right after a jump starts the next history
+    assert by_layer["head"] == [[2, 4, 6], [8, 10, 12], [14, 16, 18]]
+    assert list(by_layer) == ["body.0", "head"]
+
+
+def test_should_sleep_override_and_short_history():
+    class Twice(Sleep):
+        def should_sleep(self, step):
+            return step in (3, 9)
+
+    rec = Recorder()
+    cb = Twice(rec, snapshot_every=4, context=3)
+    _fit([cb], max_steps=12)
+    assert [e["step"] for e in cb.events] == [3, 9]
+    first, second = cb.events
+    assert not first["accepted"] and first["reason"].startswith("history: 2 of 3")  # snapshots 0 and now (3)
+    assert second["accepted"]
+    assert [s for layer, s, _ in rec.seen if layer == "head"] == [[0, 4, 8, 9][-3:]]
+
+
+def test_a_schedule_callable_replaces_every_n_steps():
+    cb = Sleep("noise", schedule=lambda s: s in (2, 5, 7), alpha=0.01)
+    _fit([cb], max_steps=8)
+    assert [e["step"] for e in cb.events] == [2, 5, 7]
+
+
+def test_nan_jump_is_rejected_and_training_is_untouched():
+    plain = weights(_fit([], max_steps=20))
+    rec = Recorder(mode="nan")
+    # optimizer_state="reset" would change training if a rejected jump touched the optimizer
+    cb = Sleep(rec, every_n_steps=5, snapshot_every=5, context=2, optimizer_state="reset")
+    slept = weights(_fit([cb], max_steps=20))
+    assert [e["reason"] for e in cb.events] == ["nonfinite: layer head"] * 4
+    assert not any(e["accepted"] for e in cb.events)
+    for k in plain:
+        assert torch.equal(plain[k], slept[k]), k
+
+
+def test_rollback_on_held_batches():
+    plain = weights(_fit([], max_steps=20))
+    cb = Sleep(Recorder(mode="blowup"), every_n_steps=5, context=1, check_batches=2, tolerance=0.1)
+    slept = weights(_fit([cb], max_steps=20))
+    assert len(cb.events) == 4
+    for e in cb.events:
+        assert not e["accepted"] and e["reason"].startswith("loss:")
+        assert e["loss_after"] > e["loss_before"] * 1.1
+    for k in plain:
+        assert torch.equal(plain[k], slept[k]), k
+    # a harmless jump passes the same check and is applied
+    cb = Sleep(Recorder(delta=1e-6), every_n_steps=5, context=1, check_batches=2, tolerance=0.1)
+    _fit([cb], max_steps=20)
+    assert all(e["accepted"] for e in cb.events)
+    assert all(math.isfinite(e["loss_before"]) and math.isfinite(e["loss_after"]) for e in cb.events)
+
+
+def test_check_batches_needs_a_loss_for_unusual_batches():
+    class DictNet(TinyNet):
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    x, y = digits_tensors(64)
+    data = [{"x": x[i : i + 16], "y": y[i : i + 16]} for i in range(0, 64, 16)]
+    cb = Sleep("noise", every_n_steps=2, check_batches=1, alpha=0.01)
+    with pytest.raises(SleepbotError, match="pass Sleep\\(loss_fn="):
+        trainer(4, [cb]).fit(DictNet(), DataLoader(data, batch_size=None))
+    cb = Sleep(
+        "noise",
+        every_n_steps=2,
+        check_batches=1,
+        tolerance=1.0,
+        alpha=0.01,
+        loss_fn=lambda m, b: F.cross_entropy(m(b["x"]), b["y"]),
+    )
+    trainer(4, [cb]).fit(DictNet(), DataLoader(data, batch_size=None))
+    assert [e["accepted"] for e in cb.events] == [True, True]
+
+
+def test_optimizer_state_policies_against_a_loop():
+    layer = nn.Linear(3, 2)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    layer(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    old = neuron_matrix(layer)  # [2, 4]
+    new = old.clone()
+    new[0] *= 2.0
+    new[1] *= 0.5
+    saved = {k: v.clone() for k, v in opt.state[layer.weight].items()}
+
+    adjust_optimizer_state([opt], {"l": layer}, {"l": old}, {"l": new}, "keep")
+    assert torch.equal(opt.state[layer.weight]["exp_avg"], saved["exp_avg"])
+
+    adjust_optimizer_state([opt], {"l": layer}, {"l": old}, {"l": new}, "rescale")
+    for i, r in enumerate((2.0, 0.5)):
+        for j in range(3):
+            assert opt.state[layer.weight]["exp_avg"][i, j].item() == pytest.approx(
+                saved["exp_avg"][i, j] * r
+            )
+            assert opt.state[layer.weight]["exp_avg_sq"][i, j].item() == pytest.approx(
+                saved["exp_avg_sq"][i, j] * r * r
+            )
+    assert opt.state[layer.weight]["step"] == saved["step"]
+
+    adjust_optimizer_state([opt], {"l": layer}, {"l": old}, {"l": new}, "reset")
+    assert layer.weight not in opt.state and layer.bias not in opt.state
+
+
+def test_decisions_reach_the_lightning_logger(tmp_path):
+    cb = Sleep("linear", every_n_steps=10, snapshot_every=2, context=3, check_batches=1, tolerance=10.0)
+    logger = CSVLogger(tmp_path, name="log", version="")
+    _fit([cb], max_steps=20, logger=logger)
+    text = (tmp_path / "log" / "metrics.csv").read_text()
+    header = text.splitlines()[0].split(",")
+    for key in ("sleep/accepted", "sleep/rel_jump", "sleep/loss_before", "sleep/loss_after"):
+        assert key in header
+
+
+def test_decisions_reach_the_recorders_events(tmp_path):
+    from sleepbot.recording import TrajectoryRecorder
+    from sleepbot.store import RunFile
+
+    path = tmp_path / "run.h5"
+    cb = Sleep(Recorder(mode="nan"), every_n_steps=5, context=1)
+    ok = Sleep("linear", every_n_steps=10, snapshot_every=2, context=3)
+    _fit([TrajectoryRecorder(path, every_n_steps=5), cb, ok], max_steps=20)
+    with RunFile(path) as run:
+        events = run.events()
+    got = sorted((e["step"], e["strategy"], bool(e["accepted"])) for e in events)
+    assert got == [
+        (5, "custom", False),
+        (10, "custom", False),
+        (10, "linear", True),
+        (15, "custom", False),
+    ] + [
+        (20, "custom", False),
+        (20, "linear", True),
+    ]
+
+
+def test_after_plateau_waits_for_flat_validation():
+    class ValNet(TinyNet):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    cb = Sleep("noise", every_n_steps=2, after_plateau=True, plateau_window=2, plateau_delta=1.0, alpha=0.01)
+    pl.seed_everything(0, verbose=False)
+    t = trainer(20, [cb], val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    t.fit(ValNet(), digits_loader(), digits_loader(64))
+    # validations at 4, 8, 12: the third makes a window of 2 after one earlier value, so sleep starts after 12
+    assert [e["step"] for e in cb.events] == [14, 16, 18, 20]
+
+
+class StepKeyedNet(TinyNet):
+    """Trains on the batch chosen by the global step, not by the loader's position: Lightning restarts a plain
+    DataLoader from its first batch when it resumes mid-epoch, which would change the data, not the callback."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = digits_tensors(256)
+        i = self.trainer.global_step % 8 * 32
+        return x[i : i + 32], y[i : i + 32]
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    def sleep():
+        # sleeps at 6, 12, 18, 24; the checkpoint at 17 holds snapshots 12-16 and held batches 15-17, and the
+        # sleep at 18 reads snapshots 14-18 and batches 16-18
+        return Sleep(
+            "linear", every_n_steps=6, snapshot_every=2, context=3, horizon=2, check_batches=3, tolerance=5
+        )
+
+    full_cb = sleep()
+    full = weights(_fit([full_cb], max_steps=24, net=StepKeyedNet))
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=17, save_top_k=-1)
+    first_cb = sleep()
+    _fit([first_cb, ckpt], max_steps=17, net=StepKeyedNet, enable_checkpointing=True)
+    (path,) = tmp_path.glob("*step=17.ckpt")
+    resumed_cb = sleep()
+    pl.seed_everything(123, verbose=False)  # a different seed: everything must come from the checkpoint
+    module = StepKeyedNet()
+    trainer(24, [resumed_cb]).fit(module, digits_loader(), ckpt_path=path)
+    resumed = weights(module)
+    assert [e["step"] for e in resumed_cb.events] == [6, 12, 18, 24]
+    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in full_cb.events]
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in resumed_cb.events] == strip
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_sleep_from_config_in_run_training(tiny_config):
+    from sleepbot.training import run_training
+
+    tiny_config.sleep.strategy = "linear"
+    tiny_config.sleep.every_n_steps = 10
+    result = run_training(tiny_config, test=False, quiet=True)
+    assert [e["step"] for e in result.events] == [10, 20, 30]
+    assert [e["accepted"] for e in result.events] == [False, True, True]  # step 10: 2 of 5 snapshots
+    assert result.events[0]["reason"] == "history: 2 of 5 snapshots"

@@ -1,0 +1,270 @@
+"""Every registered sleep strategy against a slow, obvious reference, on the neurons of a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_sleep_helpers import TinyNet, digits_tensors
+
+from sleepbot.errors import SleepbotError
+from sleepbot.neurons import layer_kind, neuron_layers, neuron_matrix
+from sleepbot.sleep import STRATEGIES, LayerContext, Sleep, SleepStrategy, make_strategy
+
+
+@pytest.fixture(scope="module")
+def trajectory():
+    """Real snapshots of TinyNet's layers: 6 snapshots, 3 plain SGD steps apart, on digits. {layer: [C, N, F]}."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    x, y = digits_tensors(128)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    layers = neuron_layers(model)
+    snaps = {name: [neuron_matrix(m)] for name, m in layers.items()}
+    for step in range(1, 16):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[step % 4 * 32 :][:32]), y[step % 4 * 32 :][:32]).backward()
+        opt.step()
+        if step % 3 == 0:
+            for name, m in layers.items():
+                snaps[name].append(neuron_matrix(m))
+    return {name: (torch.stack(s), layer_kind(layers[name])) for name, s in snaps.items()}
+
+
+def _ctx(name: str, kind: str, steps: list[int], seed: int = 7) -> LayerContext:
+    return LayerContext(
+        layer=name,
+        kind=kind,
+        step=steps[-1],
+        steps=torch.tensor(steps),
+        snapshot_every=3,
+        progress=0.25,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# ------------------------------------------------------------------------------------------ slow references
+def ref_linear(history: np.ndarray, steps: list[int], horizon: int, every: int) -> np.ndarray:
+    """A degree-1 numpy.polyfit per weight, evaluated `horizon` snapshots after the last one."""
+    c, n, f = history.shape
+    t = (np.array(steps, dtype=float) - steps[-1]) / every
+    out = np.empty((n, f))
+    for i in range(n):
+        for j in range(f):
+            slope, intercept = np.polyfit(t, history[:, i, j], 1)
+            out[i, j] = intercept + slope * horizon
+    return out
+
+
+def ref_noise(w: np.ndarray, eps: np.ndarray, alpha: float) -> np.ndarray:
+    out = np.empty_like(w)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            out[i, j] = w[i, j] + alpha * abs(w[i, j]) * eps[i, j]
+    return out
+
+
+def ref_square_normalize(w: np.ndarray, mix: float) -> np.ndarray:
+    out = np.empty_like(w)
+    for i, row in enumerate(w):
+        sq = [math.copysign(v * v, v) for v in row]
+        norm_w = math.sqrt(sum(v * v for v in row))
+        norm_s = math.sqrt(sum(v * v for v in sq))
+        target = [v * norm_w / norm_s for v in sq] if norm_s > 0 else list(row)
+        out[i] = [(1 - mix) * a + mix * b for a, b in zip(row, target)]
+    return out
+
+
+def _check_close(got: torch.Tensor, want: np.ndarray, tol: float = 1e-4) -> None:
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=tol, atol=tol)
+
+
+def case_none(hist, kind, name, tmp_path):
+    s = make_strategy("none")
+    assert not s.moves_weights
+    _check_close(s.propose(hist, 5, _ctx(name, kind, [0, 3, 6, 9, 12, 15])), hist[-1].numpy())
+
+
+def case_linear(hist, kind, name, tmp_path):
+    s = make_strategy("linear")
+    steps = [0, 3, 6, 9, 12, 15]
+    _check_close(s.propose(hist, 4, _ctx(name, kind, steps)), ref_linear(hist.double().numpy(), steps, 4, 3))
+    # unevenly spaced history (a custom schedule slept between grid points): the fit uses the real steps
+    steps = [0, 3, 6, 9, 12, 14]
+    _check_close(s.propose(hist, 2, _ctx(name, kind, steps)), ref_linear(hist.double().numpy(), steps, 2, 3))
+
+
+def case_noise(hist, kind, name, tmp_path):
+    s = make_strategy("noise", alpha=0.3)
+    w = hist[-1]
+    eps = torch.randn(w.shape, generator=torch.Generator().manual_seed(7)).numpy()
+    _check_close(s.propose(hist[-1:], 1, _ctx(name, kind, [15])), ref_noise(w.numpy(), eps, 0.3))
+
+
+def case_square_normalize(hist, kind, name, tmp_path):
+    w = hist[-1].clone()
+    w[0] = 0.0  # an all-zero neuron is left alone
+    for mix in (1.0, 0.25):
+        got = make_strategy("square_normalize", mix=mix).propose(w[None], 1, _ctx(name, kind, [15]))
+        _check_close(got, ref_square_normalize(w.double().numpy(), mix))
+    got = make_strategy("square_normalize").propose(w[None], 1, _ctx(name, kind, [15]))
+    torch.testing.assert_close(got.norm(dim=1), w.norm(dim=1))  # each neuron keeps its norm
+
+
+def case_lookahead(hist, kind, name, tmp_path):
+    s = make_strategy("lookahead", alpha=0.4, k=3)
+    slow, fast = hist[-2].double().numpy(), hist[-1].double().numpy()
+    want = np.array([[a + 0.4 * (b - a) for a, b in zip(rs, rf)] for rs, rf in zip(slow, fast)])
+    _check_close(s.propose(hist[-2:], 1, _ctx(name, kind, [12, 15])), want)
+
+
+def case_random(hist, kind, name, tmp_path):
+    s = make_strategy("random", base="linear")
+    steps = [0, 3, 6, 9, 12, 15]
+    got = s.propose(hist, 4, _ctx(name, kind, steps))
+    cur = hist[-1].double().numpy()
+    size = math.sqrt(((ref_linear(hist.double().numpy(), steps, 4, 3) - cur) ** 2).sum())
+    eps = torch.randn(hist[-1].shape, generator=torch.Generator().manual_seed(7)).double().numpy()
+    # the base (linear) draws nothing, so the direction is the generator's first draw
+    _check_close(got, cur + eps * size / math.sqrt((eps**2).sum()))
+
+
+def case_learned(hist, kind, name, tmp_path):
+    from sleepbot.forecast import LinearForecaster, save_forecaster
+
+    path = tmp_path / f"linear-{name}.pt"
+    save_forecaster(LinearForecaster(context=4, horizons=(1, 2, 5), snapshot_every=3), path)
+    s = make_strategy("learned", forecaster=str(path))
+    assert s.defaults()["context"] == 4 and s.defaults()["snapshot_every"] == 3
+    steps = [6, 9, 12, 15]
+    want = ref_linear(hist[-4:].double().numpy(), steps, 2, 3)
+    _check_close(s.propose(hist[-4:], 2, _ctx(name, kind, steps)), want)
+    with pytest.raises(SleepbotError, match="steps apart"):
+        s.propose(hist[-4:], 2, _ctx(name, kind, [6, 9, 12, 14]))
+
+
+def case_oracle(hist, kind, name, tmp_path):
+    pytest.importorskip("h5py")
+    from sleepbot.store import RunFile
+
+    path = _recorded_run(tmp_path)
+    s = make_strategy("oracle", run=str(path))
+    s.setup(None, 20)
+    with RunFile(path) as run:
+        steps = [int(x) for x in run.snapshot_steps]
+        layer = run.layers[0]
+        n = run.layer_info(layer)["n"]
+        recorded = run.weights(layer)  # [S, N, F]
+    cur = torch.as_tensor(recorded[1]) + 1.0  # "current" weights somewhere else
+    ctx = _ctx(layer, kind, [steps[1]])
+    ctx.snapshot_every = steps[1] - steps[0]
+    got = s.propose(cur[None], 2, ctx)
+    # the oracle jumps to what the recorded run had 2 snapshots later, neuron by neuron
+    want = np.stack([recorded[3][i] for i in range(n)])
+    _check_close(got, want)
+    # past the end of the recording, nothing moves
+    ctx = _ctx(layer, kind, [steps[-1]])
+    _check_close(s.propose(cur[None], 2, ctx), cur.numpy())
+
+
+_RECORDED: dict[str, object] = {}
+
+
+def _recorded_run(tmp_path):
+    """A real TrajectoryRecorder run of TinyNet (snapshots every 2 steps, 12 steps), made once per module."""
+    if "path" not in _RECORDED:
+        from test_sleep_helpers import digits_loader, trainer
+
+        from sleepbot.recording import TrajectoryRecorder
+
+        path = tmp_path / "oracle-run.h5"
+        torch.manual_seed(0)
+        trainer(12, [TrajectoryRecorder(path, every_n_steps=2)]).fit(TinyNet(), digits_loader())
+        _RECORDED["path"] = path
+    return _RECORDED["path"]
+
+
+REFERENCES = {
+    "none": case_none,
+    "linear": case_linear,
+    "noise": case_noise,
+    "square_normalize": case_square_normalize,
+    "lookahead": case_lookahead,
+    "random": case_random,
+    "learned": case_learned,
+    "oracle": case_oracle,
+}
+
+
+def test_every_registered_strategy_has_a_reference():
+    assert set(REFERENCES) == set(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategy_matches_slow_reference(name, trajectory, tmp_path):
+    if name == "oracle":
+        REFERENCES[name](None, "linear", None, tmp_path)
+        return
+    for layer, (hist, kind) in trajectory.items():
+        REFERENCES[name](hist, kind, layer, tmp_path)
+
+
+def test_config_names_match_registry():
+    from sleepbot.config import SLEEP_STRATEGIES
+
+    assert set(SLEEP_STRATEGIES) == set(STRATEGIES)
+
+
+def test_bad_names_and_options_are_one_line_errors():
+    with pytest.raises(SleepbotError, match="unknown sleep strategy 'nope'; valid: .*linear"):
+        Sleep("nope")
+    with pytest.raises(SleepbotError, match="has no option 'beta'; valid: alpha"):
+        Sleep("noise", beta=1.0)
+    with pytest.raises(SleepbotError, match="needs context >= 2"):
+        Sleep("linear", context=1)
+    with pytest.raises(SleepbotError, match="lookahead reads the slow weights"):
+        Sleep("lookahead", every_n_steps=50)
+    with pytest.raises(SleepbotError, match="unknown optimizer_state 'zero'"):
+        Sleep("linear", optimizer_state="zero")
+    with pytest.raises(SleepbotError, match="every_n_steps must be >= 1"):
+        Sleep("linear", every_n_steps=0)
+    with pytest.raises(SleepbotError, match="does not exist"):
+        Sleep("learned", forecaster="/nonexistent/forecaster.pt")
+    with pytest.raises(SleepbotError, match="cannot match the size of another random"):
+        Sleep("random", base="random")
+    for msg in ("\n",):
+        try:
+            Sleep("nope")
+        except SleepbotError as e:
+            assert msg not in str(e)
+
+
+def test_learned_refuses_settings_its_forecaster_was_not_trained_for(tmp_path):
+    from sleepbot.forecast import LinearForecaster, MLPForecaster, save_forecaster
+
+    path = tmp_path / "f.pt"
+    save_forecaster(LinearForecaster(context=4, horizons=(1, 2), snapshot_every=3), path)
+    cb = Sleep("learned", forecaster=str(path))
+    assert (cb.context, cb.snapshot_every, cb.every_n_steps) == (4, 3, 12)
+    with pytest.raises(SleepbotError, match="reads context=4"):
+        Sleep("learned", forecaster=str(path), context=5)
+    with pytest.raises(SleepbotError, match="snapshots 3 steps apart"):
+        Sleep("learned", forecaster=str(path), snapshot_every=10)
+    mlp = tmp_path / "mlp.pt"
+    save_forecaster(MLPForecaster(context=4, horizons=(1, 2), snapshot_every=3), mlp)
+    with pytest.raises(SleepbotError, match="up to 2 snapshots ahead"):
+        Sleep("learned", forecaster=str(mlp), horizon=3)
+
+
+def test_custom_strategy_object_is_accepted():
+    class Halve(SleepStrategy):
+        def propose(self, history, horizon, ctx):
+            return history[-1] / 2
+
+    cb = Sleep(Halve(), context=1)
+    assert cb.strategy.name == "custom"
+    with pytest.raises(SleepbotError, match="pass them to its constructor"):
+        Sleep(Halve(), alpha=1.0)
