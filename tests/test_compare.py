@@ -1,0 +1,172 @@
+"""The compare harness on a tiny real comparison: tuning, targets, statistics, resuming, bad configs."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import numpy as np
+import pytest
+from _compare_fixture import TINY, tiny_comparison
+
+from sleepbot.analysis import steps_to_target
+from sleepbot.compare import (
+    choose_lr,
+    compare,
+    format_table,
+    load_results,
+    load_runs,
+    log_grid,
+    parse_compare_config,
+)
+from sleepbot.errors import SleepbotError
+
+
+@pytest.fixture(scope="session")
+def comparison(tmp_path_factory):
+    return tiny_comparison(tmp_path_factory)
+
+
+# ------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"bogus": 1}, "unknown compare config key 'bogus'"),
+        ({"seeds": 0}, "'seeds' must be >= 1"),
+        ({"seeds": "many"}, "'seeds' must be a count or a list"),
+        ({"base": {"data": {"name": "imagenet"}}}, "unknown data.name 'imagenet'"),
+        ({"arms": ["none", "none"]}, "arm name 'none' appears twice"),
+        ({"arms": [{"name": "x", "horizon": "far"}]}, "sleep.horizon"),
+        ({"tune": {"lrs": [0.01, "fast"]}}, "tune.lrs must hold numbers"),
+        ({"tune": {"step": 3}}, "unknown tune key 'step'"),
+    ],
+)
+def test_bad_compare_configs_are_one_line_errors(change, message):
+    values = copy.deepcopy(TINY)
+    values.update(change)
+    with pytest.raises(SleepbotError, match=message) as info:
+        parse_compare_config(values)
+    assert "\n" not in str(info.value)
+
+
+def test_config_defaults_add_the_baseline_and_log_grid():
+    cfg = parse_compare_config(
+        {"arms": ["linear"], "seeds": [3, 4], "tune": {"low": 1e-3, "high": 1e-1, "num": 3}}
+    )
+    assert [a.name for a in cfg.arms] == ["none", "linear"]
+    assert cfg.tune_lrs == [1e-3, 1e-2, 1e-1] == log_grid(1e-3, 1e-1, 3)
+    assert cfg.seeds == [3, 4] and cfg.tune_seeds == [3, 4]
+
+
+def _run(final_accs, steps=(10, 20, 30)):
+    return [
+        {"val_step": list(steps), "val_acc": list(accs), "config": {"trainer": {"max_steps": steps[-1]}}}
+        for accs in final_accs
+    ]
+
+
+def test_choose_lr_best_median_then_fewer_steps_on_a_tie():
+    table = {
+        1e-3: _run([(0.5, 0.7, 0.9), (0.5, 0.7, 0.9)]),  # reaches 0.9 at step 30
+        1e-2: _run([(0.9, 0.9, 0.9), (0.6, 0.9, 0.9)]),  # the same median final accuracy, reached sooner
+        3e-2: _run([(0.9, 0.8, 0.8), (0.9, 0.8, 0.8)]),  # fast but ends lower
+    }
+    lr, rows = choose_lr(table)
+    assert lr == 1e-2
+    assert [r["median_steps_to_best"] for r in rows] == [30.0, 15.0, 10.0]
+    lr, _ = choose_lr({1e-3: _run([(0.5, 0.7, 0.8)]), 1e-2: _run([(0.5, 0.6, 0.7)])})
+    assert lr == 1e-3
+
+
+# ------------------------------------------------------------------------------------- results
+def test_results_files_and_tuning(comparison):
+    res = load_results(comparison)
+    w = res["workloads"]["default"]
+    assert w["tuning"]["grid"] == [3e-3, 1e-2] and w["tuning"]["lr"] in (3e-3, 1e-2)
+    assert set(w["arms"]) == {"none", "linear", "oracle"}
+    assert all(a["n"] == 2 for a in w["arms"].values()) and not res["errors"]
+    with open(comparison / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["arm"] for r in rows] == ["none", "linear", "oracle"]
+    assert "steps to target" in format_table(res)
+
+
+def test_target_and_steps_match_the_runs(comparison):
+    res = load_results(comparison)
+    w = res["workloads"]["default"]
+    runs = load_runs(comparison)
+    finals = [r["val_acc"][-1] for r in runs["none"]]
+    assert w["target"] == pytest.approx(float(np.median(finals)))
+    for arm, rs in runs.items():
+        seeds = w["arms"][arm]["seeds"]
+        by_seed = {r["seed"]: r for r in rs}
+        expect = [
+            steps_to_target(by_seed[s]["val_step"], by_seed[s]["val_acc"], w["target"], 40) for s in seeds
+        ]
+        assert w["arms"][arm]["steps_to_target"] == expect
+        for r in rs:  # the tuned lr is used by every arm, on the same seeds
+            assert r["config"]["model"]["lr"] == w["tuning"]["lr"]
+            assert max(r["test_curve"]) >= r["test_acc"] - 1e-12
+    assert sorted(w["arms"]["linear"]["seeds"]) == sorted(w["arms"]["none"]["seeds"]) == [5, 6]
+
+
+def test_oracle_reads_its_own_seeds_no_sleep_run(comparison):
+    runs = load_runs(comparison)
+    none_files = {r["seed"]: r["record_path"] for r in runs["none"]}
+    for r in runs["oracle"]:
+        assert r["config"]["sleep"]["options"]["run"] == none_files[r["seed"]]
+        assert any(e["accepted"] for e in r["events"])
+
+
+def test_resume_skips_finished_runs_and_redoes_a_missing_one_identically(comparison, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(comparison, out)
+    res = load_results(out)
+    jsons = sorted((out / "runs").glob("*__linear__*.json"))
+    victim = jsons[0]
+    old = json.loads(victim.read_text())
+    victim.unlink()
+    others = [p for p in (out / "runs").glob("*.json") if p != victim]
+    before = {p: p.stat().st_mtime_ns for p in others}
+    again = compare(parse_compare_config(TINY), out, workers=1, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in others} == before  # finished runs are not rerun
+    new = json.loads(victim.read_text())  # redone: same seed, same numbers, sleep events included
+    assert new["val_acc"] == old["val_acc"] and new["test_curve"] == old["test_curve"]
+    keys = ("step", "accepted", "rel_jump")  # not `seconds` (timing) nor NaN losses (NaN != NaN)
+    assert [[e.get(k) for k in keys] for e in new["events"]] == [
+        [e.get(k) for k in keys] for e in old["events"]
+    ]
+    for arm, st in again["workloads"]["default"]["arms"].items():
+        assert st["steps_to_target"] == res["workloads"]["default"]["arms"][arm]["steps_to_target"]
+
+
+def test_refuses_an_out_dir_of_another_config(comparison, tmp_path):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "compare_config.json").write_text("{}")
+    with pytest.raises(SleepbotError, match="different config"):
+        compare(parse_compare_config(TINY), out, workers=1, progress=False)
+
+
+def test_load_results_errors(tmp_path):
+    with pytest.raises(SleepbotError, match="no results.json"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(SleepbotError, match="not valid JSON"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"schema": 99}')
+    with pytest.raises(SleepbotError, match="not a sleepbot comparison"):
+        load_results(tmp_path)
+
+
+def test_cli_compare_bad_config_is_one_line(tmp_path, capsys):
+    from sleepbot.cli import main
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("arms: [none]\nbogus: 1\n")
+    assert main(["compare", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sleepbot: error:") and "bogus" in err and "\n" not in err
