@@ -116,6 +116,191 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- collect
+def _add_collect(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", required=True, help="collect YAML: a grid of runs (see configs/collect_*.yaml)"
+    )
+    p.add_argument("--out", required=True, help="output directory, e.g. trajectories/digits (resumable)")
+    p.add_argument("--workers", type=int, help="parallel worker processes (default: one per core)")
+    p.add_argument("--shard", metavar="K/N", help="run only shard K of N (1-based), e.g. a SLURM array task")
+    p.add_argument("--overwrite", action="store_true", help="redo complete runs too, replacing their files")
+
+
+def _run_collect(args: argparse.Namespace) -> int:
+    from sleepbot.experiments import collect, collect_summary, load_collect_config
+
+    cfg = load_collect_config(args.config)  # bad names fail here, before any worker starts
+    rows = collect(
+        cfg,
+        args.out,
+        workers=args.workers,
+        shard=args.shard,
+        overwrite=args.overwrite,
+        config_file=args.config,
+    )
+    print(collect_summary(rows, args.out))
+    return 1 if any(r.status == "failed" for r in rows) else 0
+
+
+# --------------------------------------------------------------------------------------------------- inspect
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="FILE_OR_DIR", help="a run file (.h5) or a directory of them")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from sleepbot.store.summary import describe
+
+    print(describe(args.path))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- sleep
+def _add_sleep(p: argparse.ArgumentParser) -> None:
+    _add_run_config_args(p)
+    p.add_argument(
+        "--strategy", help="sleep strategy (linear, learned, noise, square_normalize, lookahead, ...)"
+    )
+    p.add_argument("--forecaster", help="forecaster checkpoint for `learned` (default: the shipped one)")
+    p.add_argument(
+        "--vs", metavar="BASELINE", help="also run this strategy (usually `none`) on the same seeds"
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds per arm with --vs (default 1; use >= 10)")
+    p.add_argument(
+        "--target", type=float, help="validation accuracy to reach (default: the baseline's median)"
+    )
+    p.add_argument("--workers", type=int, help="parallel worker processes with --vs (default: one per core)")
+    p.add_argument(
+        "--json", metavar="FILE", help="also write the per-arm summary (and per-run curves) as JSON"
+    )
+
+
+def _sleep_arm_rows(results: dict, baseline: str, target: float, budget: int) -> dict:
+    """Per arm: steps to target (median, bootstrap CI), accuracies, speedup over `baseline` paired by seed."""
+    import numpy as np
+
+    from sleepbot.analysis import bootstrap_ci, paired_speedup, steps_to_target
+
+    steps = {
+        arm: [steps_to_target(r["val_step"], r["val_acc"], target, budget) for r in runs]
+        for arm, runs in results.items()
+    }
+    rows = {}
+    for arm, runs in results.items():
+        sp = paired_speedup(steps[baseline], steps[arm])
+        events = [e for r in runs for e in r["events"]]
+        rows[arm] = {
+            "seeds": [r["seed"] for r in runs],
+            "steps_to_target": steps[arm],
+            "median_steps": float(np.median(steps[arm])),
+            "steps_ci": list(bootstrap_ci(steps[arm])),
+            "misses": int(sum(s > budget for s in steps[arm])),
+            "final_val_acc": float(np.median([r["val_acc"][-1] for r in runs])),
+            "test_acc": float(np.median([r["test_acc"] for r in runs])),
+            "speedup": sp.ratio,
+            "speedup_ci": [sp.lo, sp.hi],
+            "p_value": sp.p_value,
+            "sleeps": len(events),
+            "accepted": int(sum(bool(e["accepted"]) for e in events)),
+            "fit_seconds": float(np.median([r["fit_seconds"] for r in runs])),
+        }
+    return rows
+
+
+def _run_sleep(args: argparse.Namespace) -> int:
+    from sleepbot.config import resolve_run_config, to_yaml
+
+    cfg = resolve_run_config(args.config, args.overrides)
+    if args.strategy is not None:
+        cfg = resolve_run_config(args.config, [*args.overrides, "--sleep.strategy", args.strategy])
+    if args.forecaster is not None:
+        cfg.sleep.forecaster = args.forecaster
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    if args.seeds < 1:
+        raise SleepbotError(f"--seeds must be >= 1, got {args.seeds}")
+    import copy
+    import json
+
+    from sleepbot.sleep import sleep_from_config
+
+    arms = [cfg.sleep.strategy] + ([args.vs] if args.vs else [])
+    for arm in arms:  # bad strategies, options or forecaster files fail here, before any run starts
+        probe = copy.deepcopy(cfg)
+        probe.sleep.strategy = arm
+        if arm != "none":
+            sleep_from_config(probe)
+    if not args.vs:
+        from sleepbot.training import run_training
+
+        r = run_training(cfg)
+        accepted = sum(bool(e["accepted"]) for e in r.events)
+        sleep_s = sum(e["seconds"] for e in r.events)
+        print(
+            f"{r.name} [{cfg.sleep.strategy}]: {r.steps} steps in {r.fit_seconds:.1f}s "
+            f"({accepted}/{len(r.events)} jumps accepted, {sleep_s:.2f}s asleep), "
+            f"final val acc {r.final_val_acc:.4f}, test acc {r.test_acc:.4f}"
+            + (f", logs in {r.log_dir}" if r.log_dir else "")
+        )
+        if args.target is not None:
+            from sleepbot.analysis import steps_to_target
+
+            s = steps_to_target(r.val_step, r.val_acc, args.target, cfg.trainer.max_steps)
+            print(f"steps to val acc {args.target}: " + (f"{s:.0f}" if s <= r.steps else "not reached"))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(r.to_dict(), fh, indent=1)
+        return 0
+
+    from sleepbot.experiments import run_parallel, train_task
+
+    tasks, labels = [], []
+    for arm in arms:
+        for i in range(args.seeds):
+            c = copy.deepcopy(cfg)
+            c.seed = cfg.seed + i
+            c.sleep.strategy = arm
+            c.name = f"{cfg.run_name}-{arm}-s{c.seed}" if cfg.name else f"{c.run_name}-{arm}"
+            tasks.append({"config": c.to_dict()})
+            labels.append(arm)
+    out = run_parallel(train_task, tasks, args.workers, desc="sleep runs")
+    failed = [(labels[i], err) for i, (ok, err) in enumerate(out) if not ok]
+    if failed:
+        raise SleepbotError(
+            f"{len(failed)} of {len(out)} runs failed; first ({failed[0][0]}): {failed[0][1]}"
+        )
+    results = {arm: [res for lab, (_, res) in zip(labels, out) if lab == arm] for arm in arms}
+    baseline = args.vs
+    budget = cfg.trainer.max_steps
+    target = args.target
+    if target is None:
+        import numpy as np
+
+        target = float(np.median([r["val_acc"][-1] for r in results[baseline]]))
+    rows = _sleep_arm_rows(results, baseline, target, budget)
+    print(
+        f"{args.seeds} seeds per arm, target val acc {target:.4f}"
+        + (" (given)" if args.target is not None else f" (median final of {baseline})")
+        + f", budget {budget} steps (a miss counts {2 * budget})"
+    )
+    print(
+        f"{'arm':<18} {'steps to target':>22} {'final val':>9} {'test acc':>8} {'speedup':>22} {'jumps':>9}"
+    )
+    for arm, row in rows.items():
+        lo, hi = row["steps_ci"]
+        slo, shi = row["speedup_ci"]
+        print(
+            f"{arm:<18} {row['median_steps']:>7.0f} [{lo:>5.0f}, {hi:>5.0f}] ({row['misses']} miss) "
+            f"{row['final_val_acc']:>9.4f} {row['test_acc']:>8.4f} "
+            f"{row['speedup']:>6.2f}x [{slo:.2f}, {shi:.2f}] {row['accepted']:>4}/{row['sleeps']:<4}"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"target": target, "budget": budget, "arms": rows, "runs": results}, fh, indent=1)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
@@ -144,6 +329,14 @@ COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
         False,
     ),
     "report": ("write the HTML page and Markdown summary of a comparison", _add_report, _run_report, False),
+    "collect": ("record a grid of runs to HDF5 in parallel (resumable)", _add_collect, _run_collect, False),
+    "inspect": ("summarise a run file, or a directory of runs as a table", _add_inspect, _run_inspect, False),
+    "sleep": (
+        "train with sleep; with --vs none --seeds N, paired arms and the speedup",
+        _add_sleep,
+        _run_sleep,
+        True,
+    ),
     "demo": ("the main job on the embedded digits data", _add_demo, _run_demo, False),
 }
 

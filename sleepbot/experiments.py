@@ -7,13 +7,21 @@ on a machine with P cores, P workers with one thread each finish a grid faster t
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import json
 import multiprocessing as mp
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from sleepbot.errors import ConfigError
 
 
 def default_workers() -> int:
@@ -110,3 +118,320 @@ def train_task(config: dict[str, Any]) -> dict[str, Any]:
     cfg = build_config(RunConfig, config)
     cfg.trainer.progress_bar = False
     return run_training(cfg, quiet=True).to_dict()
+
+
+# ================================================================================================ collect
+# A collection is a grid of runs (datasets x archs x optimizers x lrs x seeds), each recorded to one HDF5 file in
+# one output directory with a manifest. It is resumable: complete files are skipped, incomplete ones redone.
+
+COLLECT_GRID_KEYS = ("datasets", "archs", "optimizers", "lrs", "seeds")
+MANIFEST = "manifest.json"
+LIVE_SECONDS = 120.0  # a `running` file written to this recently, by a process we cannot check, may be live
+
+
+@dataclass
+class CollectConfig:
+    """A grid of recorded runs. Each list may also be given as a single value in YAML.
+
+    Attributes:
+        datasets, archs, optimizers, lrs, seeds: the grid axes (their product is the set of runs).
+        run: RunConfig values shared by every run (trainer.max_steps, record.every_n_steps, data.batch_size, ...).
+    """
+
+    datasets: list[str] = field(default_factory=lambda: ["digits"])
+    archs: list[str] = field(default_factory=lambda: ["small_cnn"])
+    optimizers: list[str] = field(default_factory=lambda: ["adam"])
+    lrs: list[float] = field(default_factory=lambda: [3e-3])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    run: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _as_list(key: str, value: Any, kind: type) -> list:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for v in items:
+        if kind is float and isinstance(v, str):
+            try:
+                v = float(v)  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                pass
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise ConfigError(f"collect config {key!r} must be a list of {kind.__name__}, got {v!r}")
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise ConfigError(f"collect config {key!r} is empty")
+    return out
+
+
+def load_collect_config(path: str | Path) -> CollectConfig:
+    """Read and check a collect YAML file (see configs/collect_digits.yaml); every grid point is validated."""
+    from sleepbot.config import load_yaml
+
+    data = load_yaml(path)
+    valid = (*COLLECT_GRID_KEYS, "run")
+    for key in data:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown collect config key {key!r} in {str(path)!r}; valid keys: {', '.join(valid)}"
+            )
+    kinds = {"datasets": str, "archs": str, "optimizers": str, "lrs": float, "seeds": int}
+    values: dict[str, Any] = {k: _as_list(k, data[k], kinds[k]) for k in COLLECT_GRID_KEYS if k in data}
+    run = data.get("run") or {}
+    if not isinstance(run, dict):
+        raise ConfigError(f"collect config 'run' must be a mapping of RunConfig values, got {run!r}")
+    cfg = CollectConfig(**values, run=run)
+    collect_grid(cfg, "check")  # bad names and keys fail here, before any worker starts
+    return cfg
+
+
+def collect_grid(cfg: CollectConfig, out: str | Path) -> list[dict[str, Any]]:
+    """The grid's runs, in a fixed order: [{'name', 'file', 'config' (a RunConfig dict)}].
+
+    Every run records to `<out>/<name>.h5` with `name = <dataset>-<arch>-<optimizer>-lr<lr>-s<seed>`; Lightning's
+    own logs are off unless `run.trainer.logger` asks for them.
+    """
+    from sleepbot.config import RunConfig, build_config, merge
+
+    base = merge({"trainer": {"logger": "none"}}, cfg.run)
+    runs = []
+    for dataset, arch, optimizer, lr, seed in itertools.product(
+        cfg.datasets, cfg.archs, cfg.optimizers, cfg.lrs, cfg.seeds
+    ):
+        name = f"{dataset}-{arch}-{optimizer}-lr{lr:g}-s{seed}"
+        file = f"{name}.h5"
+        point = {
+            "seed": seed,
+            "name": name,
+            "out_dir": str(out),
+            "data": {"name": dataset},
+            "model": {"arch": arch, "optimizer": optimizer, "lr": lr},
+            "record": {"enabled": True, "path": str(Path(out) / file), "overwrite": False},
+        }
+        run_cfg = build_config(RunConfig, merge(base, point))
+        runs.append({"name": name, "file": file, "config": run_cfg.to_dict()})
+    return runs
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """`K/N` (1 <= K <= N) -> (K, N); None -> (1, 1). Shard K takes grid points K-1, K-1+N, K-1+2N, ..."""
+    if text is None:
+        return 1, 1
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like K/N (e.g. 2/8), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard {text!r}: need 1 <= K <= N")
+    return k, n
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_state(path: Path) -> tuple[str, str]:
+    """What a run file left by an earlier attempt means for this one: (state, why).
+
+    States: `missing`; `complete`; `incomplete` (`failed`, or `running` with its writer gone: redo it);
+    `live` (`running` and its writer still alive, or written to within LIVE_SECONDS by a process on another host:
+    leave it alone); `unreadable` (truncated or corrupt).
+    """
+    import socket
+
+    from sleepbot.store import RunFile, StoreError
+
+    if not path.exists():
+        return "missing", ""
+    try:
+        with RunFile(path) as run:
+            status, host, pid = run.status, run.attrs.get("host"), run.attrs.get("pid")
+    except StoreError as e:
+        return "unreadable", str(e)
+    if status == "complete":
+        return "complete", ""
+    if status == "failed":
+        return "incomplete", "failed"
+    if host == socket.gethostname() and isinstance(pid, int):
+        if pid != os.getpid() and _pid_alive(pid):
+            return "live", f"being written by pid {pid}"
+        return "incomplete", f"its writer (pid {pid}) is gone"
+    if time.time() - path.stat().st_mtime < LIVE_SECONDS:
+        return "live", f"written by {host} in the last {LIVE_SECONDS:.0f} s"
+    return "incomplete", f"stale since {time.ctime(path.stat().st_mtime)}"
+
+
+def collect_task(config: dict[str, Any]) -> dict[str, Any]:
+    """A worker task: train and record one grid point; return its numbers for the summary."""
+    from sleepbot.config import RunConfig, build_config
+    from sleepbot.training import run_training
+
+    cfg = build_config(RunConfig, config)
+    cfg.trainer.progress_bar = False
+    r = run_training(cfg, quiet=True)
+    return {
+        "steps": r.steps,
+        "val_acc": r.final_val_acc,
+        "test_acc": r.test_acc,
+        "seconds": r.fit_seconds,
+        "file": r.record_path,
+    }
+
+
+def _signature(runs: Any) -> Any:
+    """A grid as compared on resume: names and run configs, without where the output directory lives."""
+    if not isinstance(runs, list):
+        return runs
+    out = []
+    for r in runs:
+        cfg = json.loads(json.dumps(r.get("config", {})))
+        cfg.pop("out_dir", None)
+        for key in ("path", "overwrite"):
+            cfg.get("record", {}).pop(key, None)
+        out.append((r.get("name"), cfg))
+    return out
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """Write the manifest, or check that the one there describes the same grid (resume) unless overwriting."""
+    path = out / MANIFEST
+    if path.exists() and not overwrite:
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ConfigError(f"{str(path)!r} is not valid JSON; fix it, or pass --overwrite") from None
+        if _signature(old.get("runs")) != _signature(manifest["runs"]):
+            raise ConfigError(
+                f"{str(out)!r} holds a different collection (its {MANIFEST} lists other runs or settings); "
+                "use another --out, or --overwrite to redo every run there"
+            )
+        return
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # atomic, so concurrent shards never see half a manifest
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename an unreadable file to <name>.bad (or .bad2, ...) instead of deleting it."""
+    for i in itertools.count(1):
+        target = path.with_name(path.name + (".bad" if i == 1 else f".bad{i}"))
+        if not target.exists():
+            path.rename(target)
+            return target
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class CollectRow:
+    """One grid point in the summary: `status` is trained, skipped, failed or live."""
+
+    name: str
+    status: str
+    note: str = ""
+    steps: int | None = None
+    val_acc: float | None = None
+    test_acc: float | None = None
+    seconds: float | None = None
+
+
+def collect(
+    config: CollectConfig | str | Path,
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    shard: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    config_file: str | None = None,
+) -> list[CollectRow]:
+    """Record every run of a grid (or of its shard K/N) into `out`, in parallel worker processes.
+
+    Complete files are skipped (redone with `overwrite`). Incomplete ones (failed, or left `running` by a writer
+    that is gone) are redone; an unreadable one is renamed to `.bad` and redone; one that another live process is
+    writing is left alone. The manifest lists the whole grid, so every shard writes the same one.
+
+    Returns:
+        one row per grid point of this shard, in grid order.
+    """
+    if not isinstance(config, CollectConfig):
+        config_file = config_file or str(config)
+        config = load_collect_config(config)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a directory")
+    k, n = parse_shard(shard)
+    grid = collect_grid(config, out)
+    out.mkdir(parents=True, exist_ok=True)
+    from sleepbot._version import __version__
+
+    manifest = {
+        "sleepbot_version": __version__,
+        "config_file": config_file,
+        "collect": config.to_dict(),
+        "runs": grid,
+    }
+    _write_manifest(out, manifest, overwrite)
+    mine = grid[k - 1 :: n]
+    rows: dict[str, CollectRow] = {}
+    tasks: list[dict[str, Any]] = []
+    names: list[str] = []
+    for point in mine:
+        path = out / point["file"]
+        state, why = run_state(path)
+        config_dict = json.loads(json.dumps(point["config"]))  # a private copy for the worker
+        if state == "complete" and not overwrite:
+            rows[point["name"]] = CollectRow(point["name"], "skipped", "complete already")
+            continue
+        if state == "live":
+            rows[point["name"]] = CollectRow(point["name"], "live", why)
+            continue
+        note = ""
+        if state == "unreadable":
+            note = f"unreadable file moved to {_set_aside(path).name}"
+        elif state in ("incomplete", "complete"):
+            config_dict["record"]["overwrite"] = (
+                True  # an incomplete (or, with --overwrite, any) file is replaced
+            )
+            note = f"redone ({why})" if state == "incomplete" else "overwritten"
+        rows[point["name"]] = CollectRow(point["name"], "pending", note)
+        tasks.append({"config": config_dict})
+        names.append(point["name"])
+    for (ok, result), name in zip(
+        run_parallel(collect_task, tasks, workers, desc="collect", progress=progress), names
+    ):
+        row = rows[name]
+        if ok:
+            row.status = "trained"
+            row.steps, row.val_acc, row.test_acc, row.seconds = (
+                result["steps"],
+                result["val_acc"],
+                result["test_acc"],
+                result["seconds"],
+            )
+        else:
+            row.status, row.note = "failed", str(result)
+    return [rows[p["name"]] for p in mine]
+
+
+def collect_summary(rows: Sequence[CollectRow], out: str | Path) -> str:
+    """The table printed at the end of `sleepbot collect`, with a one-line total."""
+    from sleepbot.store.summary import format_table
+
+    table = format_table(
+        ["run", "status", "steps", "val_acc", "test_acc", "sec", "note"],
+        [(r.name, r.status, r.steps, r.val_acc, r.test_acc, r.seconds, r.note) for r in rows],
+    )
+    counts = {s: sum(r.status == s for r in rows) for s in ("trained", "skipped", "failed", "live")}
+    total = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "nothing to do"
+    return f"{table}\n{len(rows)} runs: {total}; files and {MANIFEST} in {out}"

@@ -67,16 +67,16 @@ class RunWriter:
         self.buffer_snapshots = max(1, int(buffer_snapshots))
         if compression not in (None, "lzf", "gzip"):
             raise StoreError(f"unknown compression {compression!r}; valid: none, lzf, gzip")
-        if self.path.exists() and not overwrite:
-            raise StoreError(f"{str(self.path)!r} exists; pass overwrite=True (--overwrite) to replace it")
         if self.path.is_dir():
             raise StoreError(f"{str(self.path)!r} is a directory, not a run file")
+        if self.path.exists() and not overwrite:
+            raise StoreError(f"{str(self.path)!r} exists; pass overwrite=True (--overwrite) to replace it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite and self.path.exists():
-            self.path.unlink()
+        # The file is built under a hidden temporary name and appears under its own name only once it is a valid
+        # SWMR file, so a crash while creating it leaves no half-made run file (only the temporary one).
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.creating")
         try:
-            # "w-" fails if another process created the file since the check above.
-            self._f = h5py.File(self.path, "w-", libver="latest")
+            self._f = h5py.File(tmp, "w", libver="latest")
         except OSError as e:
             raise StoreError(f"cannot create run file {str(self.path)!r}: {_short(e)}") from None
         self.closed = False
@@ -88,17 +88,19 @@ class RunWriter:
         self._snap_steps: list[int] = []
         try:
             self._create(attrs or {}, buffer_steps, compression)
+            # [B, N_kept, F] per (layer, array): the recorder core copies each snapshot into row `snapshot_index`.
+            self.snapshot_buffers: dict[tuple[str, str], np.ndarray] = {
+                (spec.name, arr): np.zeros((self.buffer_snapshots, spec.n_kept, spec.fan_in), np.float32)
+                for spec in self.layers
+                for arr in self.snapshot_arrays
+            }
+            self._f.swmr_mode = True  # from here on: no new objects or attributes, only appends
+            self._f.flush()
+            _publish(tmp, self.path, overwrite)
         except BaseException:
             self._f.close()
-            self.path.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
-        # [B, N_kept, F] per (layer, array): the recorder core copies each snapshot into row `snapshot_index`.
-        self.snapshot_buffers: dict[tuple[str, str], np.ndarray] = {
-            (spec.name, arr): np.zeros((self.buffer_snapshots, spec.n_kept, spec.fan_in), np.float32)
-            for spec in self.layers
-            for arr in self.snapshot_arrays
-        }
-        self._f.swmr_mode = True  # from here on: no new objects or attributes, only appends
 
     # ------------------------------------------------------------------------------------------ creation
     def _create(self, attrs: Mapping[str, Any], buffer_steps: int, compression: str | None) -> None:
@@ -276,6 +278,25 @@ class RunWriter:
     def _check_open(self) -> None:
         if self.closed:
             raise StoreError(f"run file {str(self.path)!r} is closed")
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Give the finished temporary file its name; without `overwrite`, never replace a file that appeared."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if `path` exists, unlike rename: no race with another writer
+    except FileExistsError:
+        raise StoreError(f"{str(path)!r} exists; pass overwrite=True (--overwrite) to replace it") from None
+    except OSError:  # a filesystem without hard links
+        if path.exists():
+            raise StoreError(
+                f"{str(path)!r} exists; pass overwrite=True (--overwrite) to replace it"
+            ) from None
+        os.rename(tmp, path)
+        return
+    tmp.unlink()
 
 
 def stamp_status(
