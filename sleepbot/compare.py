@@ -241,6 +241,10 @@ def _numbers_key(config: dict[str, Any]) -> str:
     c["trainer"].pop("logger", None)
     opts = c["sleep"].get("options") or {}
     opts.pop("run", None)  # the oracle's source file: its numbers are in the no-sleep run's own key
+    # A forecaster is named by its contents, not its path: a retrained checkpoint at the same path gives new runs.
+    for holder in (c["sleep"], opts):
+        if isinstance(holder.get("forecaster"), str) and Path(holder["forecaster"]).is_file():
+            holder["forecaster"] = "sha1:" + hashlib.sha1(Path(holder["forecaster"]).read_bytes()).hexdigest()
     return hashlib.sha1(json.dumps(c, sort_keys=True).encode()).hexdigest()[:10]
 
 
