@@ -303,19 +303,30 @@ def _run_sleep(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="a one-minute version (used by the tests)")
+    p.add_argument(
+        "--out", default="demo_out", help="output directory (default: demo_out; rerunning resumes)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a one-minute version at toy size (used by the tests)"
+    )
+    p.add_argument("--workers", type=int, help="parallel training processes (default: one per core)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain the forecaster; accept a directory that is not this demo's",
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from sleepbot.config import resolve_run_config
-    from sleepbot.training import run_training
+    import time
 
-    cfg = resolve_run_config(
-        None, {"out_dir": args.out, "trainer": {"max_steps": 100 if args.quick else 500}}
-    )
-    result = run_training(cfg)
-    print(f"demo: {result.name} reached val acc {result.final_val_acc:.4f}, test acc {result.test_acc:.4f}")
+    from sleepbot.demo import run_demo
+
+    t0 = time.time()
+    result = run_demo(args.out, quick=args.quick, workers=args.workers, overwrite=args.overwrite)
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+    print(f"\n{result.table}\n")
+    print(f"report: {result.report}\nsummary: {result.summary}\ndone in {time.time() - t0:.0f}s ({stages})")
     return 0
 
 
@@ -337,7 +348,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
         _run_sleep,
         True,
     ),
-    "demo": ("the main job on the embedded digits data", _add_demo, _run_demo, False),
+    "demo": ("the whole story on digits: collect, forecaster, compare, report", _add_demo, _run_demo, False),
 }
 
 
