@@ -255,5 +255,8 @@ def test_sleep_from_config_in_run_training(tiny_config):
     tiny_config.sleep.every_n_steps = 10
     result = run_training(tiny_config, test=False, quiet=True)
     assert [e["step"] for e in result.events] == [10, 20, 30]
-    assert [e["accepted"] for e in result.events] == [False, True, True]  # step 10: 2 of 5 snapshots
-    assert result.events[0]["reason"] == "history: 2 of 5 snapshots"
+    # snapshots every 10 steps, 5 wanted: 2 at step 10, 3 at 20 (nothing accepted yet), 4 at 30
+    assert [e["reason"] for e in result.events] == [f"history: {n} of 5 snapshots" for n in (2, 3, 4)]
+    tiny_config.sleep.snapshot_every = 2
+    result = run_training(tiny_config, test=False, quiet=True)
+    assert [e["accepted"] for e in result.events] == [True, True, True]
