@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 from _compare_fixture import tiny_comparison
@@ -77,3 +79,29 @@ def test_cli_report(comparison, tmp_path, capsys):
     assert "report.html" in capsys.readouterr().out
     assert main(["report", str(comparison), "--out", str(tmp_path)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_readme_results_script_at_toy_size(comparison, tmp_path):
+    """scripts/readme_results.py on the tiny comparison: resumable, so it only re-summarises (no training)."""
+    import runpy
+    import shutil
+
+    import yaml
+    from _compare_fixture import TINY
+
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    script = runpy.run_path(str(Path(__file__).parent.parent / "scripts" / "readme_results.py"))
+    table, figure = tmp_path / "t.md", tmp_path / "f.png"
+    assert (
+        script["main"](
+            ["--config", str(cfg), "--out", str(out), "--table", str(table), "--figure", str(figure)]
+        )
+        == 0
+    )
+    text = table.read_text()
+    assert "| arm | n |" in text and "tuned on 0.003, 0.01" in text
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert json.loads(table.with_suffix(".json").read_text())["headline"][0]["arm"] == "none"

@@ -1,0 +1,76 @@
+"""Produce the README's headline results table and figure from a comparison (runs it first if needed).
+
+    python scripts/readme_results.py --config configs/compare_digits.yaml --out reports/compare_digits \
+        --table docs/results_digits.md --figure docs/curves_digits.png
+
+The comparison is resumable (`sleepbot compare`): finished runs are reused, so with an existing --out this only
+re-summarises. Writes the Markdown table (the one `sleepbot report` puts at the top of report.md), the learning-curve
+figure (median + interquartile band per arm, sleeps marked) and a small JSON with the numbers, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="compare YAML")
+    p.add_argument("--out", required=True, help="the comparison's output directory")
+    p.add_argument("--table", required=True, help="Markdown file for the table")
+    p.add_argument("--figure", required=True, help="PNG file for the learning curves")
+    p.add_argument("--json", help="JSON file for the numbers (default: next to the table)")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--seeds", type=int, help="override the number of seeds")
+    args = p.parse_args(argv)
+
+    from sleepbot.compare import compare, format_table, load_compare_config
+    from sleepbot.report import headline_table
+    from sleepbot.viz.curves import plot_learning_curves
+
+    t0 = time.time()
+    cfg = load_compare_config(args.config, seeds=args.seeds)
+    results = compare(cfg, args.out, workers=args.workers)
+    lines = []
+    for wname, w in results["workloads"].items():
+        t = w.get("tuning") or {}
+        grid = t.get("grid")
+        lr = f"Adam lr {t['lr']:g}" + (
+            f", tuned on {', '.join(f'{x:g}' for x in grid)}" if grid else " (NOT tuned)"
+        )
+        lines.append(
+            f"**{wname}**: {len(cfg.seeds)} paired seeds, target val acc {w['target']:.4f} ({w['target_source']}), "
+            f"budget {w['budget']} steps (a miss counts as {cfg.miss_factor:g}x), {lr}.\n"
+        )
+        header, rows = headline_table(w)
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" for _ in header) + "|")
+        lines.extend("| " + " | ".join(r) + " |" for r in rows)
+        lines.append("")
+    lines.append(
+        f"_Produced by `python scripts/readme_results.py --config {args.config} --out {args.out} ...`._"
+    )
+    table = Path(args.table)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text("\n".join(lines) + "\n")
+    first = next(iter(results["workloads"]))
+    plot_learning_curves(args.out, args.figure, workload=first)
+    summary = {
+        "config": args.config,
+        "out": args.out,
+        "seconds": time.time() - t0,
+        "headline": results["headline"],
+        "errors": results["errors"],
+    }
+    Path(args.json or table.with_suffix(".json")).write_text(json.dumps(summary, indent=1))
+    print(format_table(results))
+    print(f"table: {table}\nfigure: {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
