@@ -94,9 +94,15 @@ def run_config(workload: str, lr: float, seed: int, arm: str, quick: bool = Fals
     return build_config(RunConfig, cfg).to_dict()
 
 
+# Bump when the sleep code changes what a run does, so cached results of the old code are not reused.
+CODE_VERSION = 2
+
+
 def _key(config: dict[str, Any]) -> str:
     c = dict(config)
     c.pop("name", None)
+    if c["sleep"]["strategy"] != "none":
+        c["code_version"] = CODE_VERSION
     return hashlib.sha1(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -178,6 +184,15 @@ def arm_table(
     """Run `arms` (the first is the baseline) on `seeds` and summarise; the target defaults to the baseline's
     median final validation accuracy."""
     configs = {arm: [run_config(workload, lr, s, arm, quick) for s in seeds] for arm in arms}
+    if any(a.startswith("oracle") or "base=oracle" in a for a in arms):
+        records = record_baseline(workload, lr, seeds, cache, workers, quick)
+        for arm in arms:
+            if arm.startswith("oracle"):
+                for c, path in zip(configs[arm], records):
+                    c["sleep"]["options"]["run"] = path
+            elif "base=oracle" in arm:
+                for c, path in zip(configs[arm], records):
+                    c["sleep"]["options"]["run"] = path
     flat = [c for arm in arms for c in configs[arm]]
     res = run_all(flat, cache, workers)
     results = {arm: res[i * len(seeds) : (i + 1) * len(seeds)] for i, arm in enumerate(arms)}
@@ -193,6 +208,23 @@ def arm_table(
         "seeds": seeds,
         "arms": summary,
     }
+
+
+def record_baseline(
+    workload: str, lr: float, seeds: list[int], cache: Path, workers: int | None, quick: bool
+) -> list[str]:
+    """Record the no-sleep runs (HDF5, snapshots every 10 steps) that the `oracle` control reads, one per seed.
+
+    Training is deterministic, so a recorded no-sleep run is the same run as the `none` arm's.
+    """
+    paths = [str((cache.parent / "records" / f"{workload}-lr{lr:g}-s{s}.h5").resolve()) for s in seeds]
+    configs = []
+    for s, path in zip(seeds, paths):
+        c = run_config(workload, lr, s, "none", quick)
+        c["record"].update(enabled=True, path=path, every_n_steps=10, overwrite=True)
+        configs.append(c)
+    run_all(configs, cache, workers)
+    return paths
 
 
 def tune_lr(

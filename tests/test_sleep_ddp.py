@@ -43,7 +43,7 @@ class Dump(pl.Callback):
 def test_replicas_stay_identical_after_jumps(tmp_path):
     sleep = Sleep(RankShift(), every_n_steps=5, context=1, check_batches=1, tolerance=1.0)
     pl.seed_everything(0, verbose=False)
-    t = trainer(10, [Dump(tmp_path, "pre"), sleep, Dump(tmp_path, "post")], devices=2, strategy="ddp_spawn")
+    t = trainer(11, [Dump(tmp_path, "pre"), sleep, Dump(tmp_path, "post")], devices=2, strategy="ddp_spawn")
     t.fit(TinyNet(), digits_loader())
     for step in (5, 10):
         pre = [torch.load(tmp_path / f"pre-step{step}-rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -145,6 +145,7 @@ class Sleep(pl.Callback):
         self.seed = int(seed)
         self.events: list[dict[str, Any]] = []
         self._layers: dict[str, torch.nn.Module] = {}
+        self._final_step = 0  # the Trainer's max_steps (0: unknown), set at fit start
         self._reset_state()
 
     # ---------------------------------------------------------------------------------------------- state
@@ -218,7 +219,8 @@ class Sleep(pl.Callback):
             raise SleepbotError(str(e)) from None
         if not self._layers:
             raise SleepbotError(f"{type(pl_module).__name__} has no Conv/Linear layer for sleep to move")
-        self.strategy.setup(pl_module, self._max_steps(trainer))
+        self._final_step = self._max_steps(trainer)
+        self.strategy.setup(pl_module, self._final_step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restored:  # state came from a checkpoint: continue from it
@@ -266,10 +268,14 @@ class Sleep(pl.Callback):
 
     # ---------------------------------------------------------------------------------------------- policy
     def should_sleep(self, step: int) -> bool:
-        """Whether to sleep after optimizer step `step`: the schedule, gated by the plateau test when asked.
+        """Whether to sleep after optimizer step `step`: the schedule, gated by the plateau test when asked, and
+        never at the Trainer's last step (no training would follow the jump; the final evaluation would see
+        untrained extrapolated weights).
 
         Override this in a subclass for another policy; under DDP rank 0's answer is used on every rank.
         """
+        if self._final_step and step >= self._final_step:
+            return False
         if not self.schedule(step):
             return False
         return self._plateau or not self.after_plateau
