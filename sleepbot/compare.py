@@ -16,13 +16,15 @@ The protocol (AlgoPerf / NiNo, see PRIOR_ART.md):
    oracle's.
 
 Resumable: each run's result is a JSON file under `<out>/runs/` whose name carries a hash of everything that
-changes the run's numbers, so a rerun skips finished runs and never confuses runs of different configs.
+changes the run's numbers (its config, a forecaster's contents, the source of the training and sleep code), so a
+rerun skips finished runs and never confuses runs of different configs or code versions.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -230,9 +232,31 @@ def load_compare_config(path: str | Path, seeds: int | None = None) -> CompareCo
 
 
 # --------------------------------------------------------------------------------------------- one run
+_NUMBERS_CODE = ("training.py", "models.py", "data.py", "neurons.py", "compare.py", "sleep", "forecast")
+
+
+@functools.cache
+def code_digest() -> str:
+    """A hash of the package source that decides a run's numbers (training, models, data, sleep, forecast).
+
+    Part of every run's key, so that a resumed comparison never mixes runs of different code: after an edit to
+    any of these files, runs are redone rather than silently reused.
+    """
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha1()
+    for name in _NUMBERS_CODE:
+        path = root / name
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _numbers_key(config: dict[str, Any]) -> str:
-    """A hash of everything in a run config that changes its numbers (not where its files go)."""
+    """A hash of everything in a run config that changes its numbers (not where its files go), and of the code."""
     c = json.loads(json.dumps(config))
+    c["code"] = code_digest()
     for k in ("out_dir", "name"):
         c.pop(k, None)
     c["record"].pop("path", None)

@@ -33,7 +33,7 @@ PLANS: dict[str, dict[str, Any]] = {
             "seeds": [0, 1, 2, 3],
             "run": {"trainer": {"max_steps": 400, "val_every_n_steps": 10}, "record": {"every_n_steps": 10}},
         },
-        "forecaster": {"horizons": (5, 10), "max_steps": 600},
+        "forecaster": {"horizons": (5, 10), "max_steps": 400},
         "compare": {
             "seeds": 10,
             "seed_start": 1000,  # fresh: the forecaster never saw these seeds
@@ -224,7 +224,12 @@ def run_demo(
     from sleepbot.report import write_report
 
     html_path, md_path = write_report(
-        out / "compare", out, forecaster=str(fpath), title=f"sleepbot demo ({mode})", overwrite=True
+        out / "compare",
+        out,
+        forecaster=str(fpath),
+        title=f"sleepbot demo ({mode})",
+        overwrite=True,
+        command=f"sleepbot demo {'--quick ' if quick else ''}--out {out}",
     )
     seconds["report"] = time.time() - t0
     return DemoResult(html_path, md_path, format_table(results), seconds)

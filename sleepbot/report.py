@@ -367,6 +367,7 @@ def write_report(
     title: str | None = None,
     overwrite: bool = False,
     animation: bool = True,
+    command: str | None = None,
 ) -> tuple[Path, Path]:
     """Write `report.html` (self-contained) and `report.md` (+ `figures/`) for a comparison or a directory of runs.
 
@@ -377,6 +378,7 @@ def write_report(
         title: the page title.
         overwrite: replace an existing report.html / report.md.
         animation: embed the all-ones response animation (a GIF; MP4 written beside it when ffmpeg exists).
+        command: the command that reproduces the comparison, for the `reproduce` section.
 
     Returns:
         (path of report.html, path of report.md).
@@ -396,7 +398,7 @@ def write_report(
     figs = _Figures(fig_dir)
     t0 = time.time()
     if (src / "results.json").is_file():
-        sections, page_title = _compare_sections(src, figs, forecaster, animation)
+        sections, page_title = _compare_sections(src, figs, forecaster, animation, command)
     else:
         sections, page_title = _runs_sections(src, figs, animation)
     page_title = title or page_title
@@ -413,7 +415,9 @@ def write_report(
     return html_path, md_path
 
 
-def _compare_sections(src: Path, figs: _Figures, forecaster: str | None, animation: bool):
+def _compare_sections(
+    src: Path, figs: _Figures, forecaster: str | None, animation: bool, command: str | None
+):
     from sleepbot.compare import load_results
     from sleepbot.viz.curves import plot_learning_curves, plot_steps_to_target
     from sleepbot.viz.norms import plot_norms
@@ -496,16 +500,20 @@ def _compare_sections(src: Path, figs: _Figures, forecaster: str | None, animati
             if a["sleep"].get("strategy") == "learned" and a["sleep"].get("forecaster"):
                 forecaster = a["sleep"]["forecaster"]
     _forecast(secs["forecast"], figs, forecaster, files.get(base_arm))
-    _reproduce(secs["reproduce"], src, results)
+    _reproduce(secs["reproduce"], src, results, command)
     return [secs[k] for k in SECTIONS], f"sleepbot comparison: {', '.join(results['workloads'])}"
 
 
-def _reproduce(sec: _Section, src: Path, results: dict[str, Any]) -> None:
+def _reproduce(sec: _Section, src: Path, results: dict[str, Any], command: str | None) -> None:
     sec.text(
         f"Every run's result is in {src}/runs/ (one JSON and one HDF5 recording per run); the statistics are in "
-        f"results.json and results.csv. Rerunning the same compare command skips finished runs."
+        f"results.json and results.csv; the resolved comparison is compare_config.json. Rerunning the same "
+        f"command skips finished runs."
     )
-    cmd = f"sleepbot compare --config <the compare YAML> --out {src}\nsleepbot report {src} --overwrite"
+    cmd = (
+        command
+        or f"sleepbot compare --config <the compare YAML> --out {src}\nsleepbot report {src} --overwrite"
+    )
     sec.html.append(f"<pre>{html.escape(cmd)}</pre>")
     sec.md.append(f"```\n{cmd}\n```\n")
     errors = results.get("errors") or {}
