@@ -54,7 +54,7 @@ PLANS: dict[str, dict[str, Any]] = {
                 "record": {"every_n_steps": 5},
             },
         },
-        "forecaster": {"horizons": (5,), "max_steps": 20, "groups_per_epoch": 20, "max_weights": 4096},
+        "forecaster": {"horizons": (5,), "max_steps": 10, "groups_per_epoch": 10, "max_weights": 2048},
         "compare": {
             "seeds": 2,
             "seed_start": 1000,

@@ -58,14 +58,17 @@ def test_learning_curves_from_every_source(comparison, run_file, tmp_path):
     assert labels[:3] == ["none (n=2)", "linear (n=2)", "oracle (n=2)"]
 
 
-def test_learning_curves_of_live_run_results(tiny_config, tmp_path):
-    from sleepbot.training import run_training
+def test_learning_curves_of_live_run_results(comparison, tmp_path):
+    from sleepbot.training import RunResult
 
-    cfg = tiny_config
-    cfg.trainer.max_steps = 20
-    result = run_training(cfg, test=False, quiet=True)  # a live RunResult object, not a dict
-    plot_learning_curves([result], tmp_path / "live.png", metric="val_loss")
+    keep = set(RunResult.__dataclass_fields__)
+    data = json.loads(sorted((comparison / "runs").glob("*__linear__*.json"))[0].read_text())
+    result = RunResult(
+        **{k: v for k, v in data.items() if k in keep}
+    )  # a RunResult object, as run_training returns
+    fig = plot_learning_curves([result], tmp_path / "live.png", metric="val_loss")
     _png(tmp_path / "live.png")
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["linear (n=1)"]
     with pytest.raises(SleepbotError, match="unknown curve metric"):
         plot_learning_curves([result], metric="train_acc")
 
