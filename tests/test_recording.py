@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,7 +308,8 @@ def test_sigkill_leaves_a_readable_file(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(_KILL_SCRIPT)
     path = tmp_path / "killed.h5"
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
         [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, env=env
     )
@@ -369,3 +372,33 @@ def test_ddp_only_rank_zero_writes(tmp_path):
         # ddp_spawn hands rank 0's final weights back to this process: they are the last snapshot
         final = torch.cat([module.head.weight.detach(), module.head.bias.detach()[:, None]], 1).numpy()
         np.testing.assert_allclose(run.weights("head", -1), final, rtol=0, atol=0)
+
+
+def test_bench_script_runs_at_toy_size(tmp_path):
+    """scripts/bench_recording.py end to end on a few steps: its JSON has every number the README quotes."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_recording", root / "scripts" / "bench_recording.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(
+        [
+            "--steps",
+            "25",
+            "--warmup",
+            "5",
+            "--repeats",
+            "1",
+            "--arms",
+            "default",
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["arms"].keys() == {"none", "default"} and out["steps"] == 25
+    default = saved["arms"]["default"]
+    assert default["bytes_per_1000_steps"] > 0 and default["in_recorder_ms_per_step"] > 0
+    assert set(saved["write"]["filters"]) == {"none", "lzf", "gzip"}
+    assert all(w["MB_per_s"] > 0 for w in saved["write"]["filters"].values())

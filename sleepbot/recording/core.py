@@ -45,6 +45,9 @@ _OPTIM_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+MAX_STEP_ROWS = 4096  # per-step rows buffered at most (norms, loss, lr) before they go to HDF5
+
+
 def optimizer_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
     """Names of the optimizer's per-parameter state tensors (the ones shaped like the parameter).
 
@@ -181,6 +184,8 @@ class RecorderCore:
             "model_class": type(model).__name__,
             **(attrs or {}),
         }
+        # Per-step rows per block: one block per snapshot buffer, capped for long snapshot intervals.
+        self._rows = min(flush_every * self.every_n_steps, MAX_STEP_ROWS)
         self.writer = RunWriter(
             self.path,
             self.specs,
@@ -188,21 +193,16 @@ class RecorderCore:
             snapshot_arrays=arrays,
             overwrite=overwrite,
             buffer_snapshots=flush_every,
-            buffer_steps=flush_every * self.every_n_steps,
+            buffer_steps=self._rows,
             compression=compression,
         )
         self._arrays = arrays
-        self._rows = (
-            flush_every * self.every_n_steps
-        )  # per-step rows per block: one block per snapshot buffer
         first = next(iter(self.modules.values())).weight
         self._device = first.device
         # Per-step block buffers. On CPU they are numpy memory seen through torch (no copy at write time); on an
         # accelerator they stay on the device and are copied once per block.
-        self._norms = {
-            s.name: self._buffer((self._rows, s.n), torch.float32) for s in self.specs
-        }  # {layer: [rows, N]}
-        self._loss = self._buffer((self._rows,), torch.float32)
+        self._norms = {s.name: self._buffer((self._rows, s.n)) for s in self.specs}  # {layer: [rows, N]}
+        self._loss = self._buffer((self._rows,))
         self._lr = np.full(self._rows, np.nan, np.float32)
         self._steps = np.zeros(self._rows, np.int64)
         self._n = 0
@@ -212,18 +212,41 @@ class RecorderCore:
             s.name: None if s.n_kept == s.n else torch.as_tensor(s.neurons, device=self._device)
             for s in self.specs
         }
+        self._plan = self._make_plan()
         self.last_step: int | None = None
         self.last_snapshot: int | None = None
         self._last_flush = time.monotonic()
         self.closed = False
 
-    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self._device.type == "cpu":
             return torch.from_numpy(np.full(shape, np.nan, np.float32))
-        return torch.full(shape, float("nan"), dtype=dtype, device=self._device)
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=self._device)
+
+    def _make_plan(self) -> list[tuple]:
+        """Per layer, what the per-step norm needs, looked up once: nn.Module attribute access costs about a
+        microsecond each, and the step path must stay in the tens of microseconds.
+
+        Entries: (weight, bias, weight as a detached [N, fan_in] view or None if it must be reshaped each step,
+        bias detached or None, norm buffer [rows, N]). Views of the parameters follow in-place optimizer updates.
+        """
+        plan = []
+        for name, m in self.modules.items():
+            w, b = m.weight, m.bias
+            try:
+                w2d = w.detach().view(w.shape[0], -1)  # [N, fan_in]
+            except RuntimeError:  # not viewable (e.g. channels_last): reshaped (copied) at each step instead
+                w2d = None
+            if w.dtype != torch.float32:
+                w2d = None  # the slow path converts
+            plan.append((w, b, w2d, None if b is None else b.detach(), self._norms[name]))
+        return plan
+
+    def _plan_is_current(self) -> bool:
+        """False when a layer's weight or bias was replaced by a new Parameter since the plan was made."""
+        return all(m.weight is w and m.bias is b for m, (w, b, *_) in zip(self.modules.values(), self._plan))
 
     # ------------------------------------------------------------------------------------------ recording
-    @torch.no_grad()
     def record_step(self, step: int, loss: Any = None, lr: float | None = None) -> None:
         """Record the norms, loss and lr at `step`; snapshot the weights when `step % every_n_steps == 0`.
 
@@ -232,20 +255,21 @@ class RecorderCore:
             loss: the loss of the update that led here (a float or a tensor; a tensor is not synchronised here).
             lr: its learning rate; None reads the optimizer's first param group (if an optimizer was given).
         """
-        self._check_open()
+        if self.closed:
+            self._check_open()
         step = int(step)
         if self.last_step is not None and step <= self.last_step:
             raise SleepbotError(f"record_step: steps must increase, got {step} after {self.last_step}")
         i = self._n
-        for name, m in self.modules.items():
-            row = self._norms[name][i]  # [N]
-            w2d = m.weight.detach().reshape(m.weight.shape[0], -1)  # [N, fan_in]
-            if w2d.dtype != torch.float32:
-                w2d = w2d.float()
-            if m.bias is None:
-                torch.linalg.vector_norm(w2d, dim=1, out=row)
+        # No torch.no_grad() needed: every tensor here is detached. Two ops per layer: ||w_row|| then hypot with b.
+        for w, _b, w2d, bd, buf in self._plan:
+            if w2d is None:  # slow path: non-float32 or non-viewable weights
+                norms = torch.linalg.vector_norm(w.detach().reshape(w.shape[0], -1).float(), dim=1)
+                buf[i] = norms if bd is None else torch.hypot(norms, bd.float())
+            elif bd is None:
+                torch.linalg.vector_norm(w2d, dim=1, out=buf[i])
             else:
-                torch.hypot(torch.linalg.vector_norm(w2d, dim=1), m.bias.detach().float(), out=row)
+                torch.hypot(torch.linalg.vector_norm(w2d, dim=1), bd, out=buf[i])
         if loss is None:
             self._loss[i] = float("nan")
         elif torch.is_tensor(loss):
@@ -278,6 +302,8 @@ class RecorderCore:
             if step == self.last_snapshot:
                 return
             raise SleepbotError(f"snapshot: steps must increase, got {step} after {self.last_snapshot}")
+        if model is self.model and not self._plan_is_current():
+            self._plan = self._make_plan()  # a parameter was replaced: follow the new one
         modules = self.modules if model is self.model else neuron_layers(model, include=list(self.modules))
         if self.writer.snapshots_full:
             self.flush()

@@ -64,10 +64,11 @@ class LayerSpec:
     def n(self) -> int:
         return int(self.shape[0])
 
-    @property
-    def fan_in(self) -> int:
-        """Columns of one neuron row: the flattened kernel, plus one for the bias."""
-        return int(np.prod(self.shape[1:], dtype=np.int64)) + int(self.has_bias)
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        self.neurons = np.asarray(self.neurons, dtype=np.int64)
+        # Columns of one neuron row: the flattened kernel, plus one for the bias.
+        self.fan_in = int(np.prod(self.shape[1:], dtype=np.int64)) + int(self.has_bias)
 
     @property
     def n_kept(self) -> int:
