@@ -2,9 +2,10 @@
 
     python scripts/readme_results.py --config configs/compare_digits.yaml --out reports/compare_digits \
         --table docs/results_digits.md --figure docs/curves_digits.png
+    python scripts/readme_results.py --out demo_out/compare --table ... --figure ...   # `make demo`'s numbers
 
-The comparison is resumable (`sleepbot compare`): finished runs are reused, so with an existing --out this only
-re-summarises. Writes the Markdown table (the one `sleepbot report` puts at the top of report.md), the learning-curve
+With --config the comparison runs first (resumable: finished runs are reused); without it, the results already in
+--out (results.json) are used as they are. Writes the Markdown table (the one `sleepbot report` puts at the top of report.md), the learning-curve
 figure (median + interquartile band per arm, sleeps marked) and a small JSON with the numbers, and prints the table.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="compare YAML")
+    p.add_argument("--config", help="compare YAML to run first (default: use --out's results.json as is)")
     p.add_argument("--out", required=True, help="the comparison's output directory")
     p.add_argument("--table", required=True, help="Markdown file for the table")
     p.add_argument("--figure", required=True, help="PNG file for the learning curves")
@@ -28,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, help="override the number of seeds")
     args = p.parse_args(argv)
 
-    from sleepbot.compare import compare, format_table, load_compare_config
+    from sleepbot.compare import compare, format_table, load_compare_config, load_results
     from sleepbot.report import headline_table
     from sleepbot.viz.curves import plot_learning_curves
 
     t0 = time.time()
-    cfg = load_compare_config(args.config, seeds=args.seeds)
-    results = compare(cfg, args.out, workers=args.workers)
+    if args.config:
+        results = compare(load_compare_config(args.config, seeds=args.seeds), args.out, workers=args.workers)
+    else:
+        results = load_results(args.out)
+    n_seeds, miss = len(results["config"]["seeds"]), results["config"]["miss_factor"]
     lines = []
     for wname, w in results["workloads"].items():
         t = w.get("tuning") or {}
@@ -43,17 +47,16 @@ def main(argv: list[str] | None = None) -> int:
             f", tuned on {', '.join(f'{x:g}' for x in grid)}" if grid else " (NOT tuned)"
         )
         lines.append(
-            f"**{wname}**: {len(cfg.seeds)} paired seeds, target val acc {w['target']:.4f} ({w['target_source']}), "
-            f"budget {w['budget']} steps (a miss counts as {cfg.miss_factor:g}x), {lr}.\n"
+            f"**{wname}**: {n_seeds} paired seeds, target val acc {w['target']:.4f} ({w['target_source']}), "
+            f"budget {w['budget']} steps (a miss counts as {miss:g}x), {lr}.\n"
         )
         header, rows = headline_table(w)
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join("---" for _ in header) + "|")
         lines.extend("| " + " | ".join(r) + " |" for r in rows)
         lines.append("")
-    lines.append(
-        f"_Produced by `python scripts/readme_results.py --config {args.config} --out {args.out} ...`._"
-    )
+    config = f"--config {args.config} " if args.config else ""
+    lines.append(f"_Produced by `python scripts/readme_results.py {config}--out {args.out} ...`._")
     table = Path(args.table)
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text("\n".join(lines) + "\n")

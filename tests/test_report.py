@@ -105,3 +105,7 @@ def test_readme_results_script_at_toy_size(comparison, tmp_path):
     assert "| arm | n |" in text and "tuned on 0.003, 0.01" in text
     assert figure.read_bytes().startswith(b"\x89PNG")
     assert json.loads(table.with_suffix(".json").read_text())["headline"][0]["arm"] == "none"
+    # Without --config it only reads results.json (what the README does with `make demo`'s output).
+    table2 = tmp_path / "t2.md"
+    assert script["main"](["--out", str(out), "--table", str(table2), "--figure", str(figure)]) == 0
+    assert table2.read_text().split("_Produced")[0] == text.split("_Produced")[0]
