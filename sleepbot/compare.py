@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,6 +124,18 @@ def _float_list(value: Any, where: str) -> list[float]:
     return out
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _check_name(name: str, what: str) -> str:
+    # Names become parts of file names: no path separators, no spaces.
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"{what} name {name!r} must be letters, digits and _ . + - (it becomes part of file names)"
+        )
+    return name
+
+
 def log_grid(low: float, high: float, num: int) -> list[float]:
     """`num` log-spaced learning rates from `low` to `high`, rounded to 3 significant digits for readable names."""
     if not (0 < low <= high) or num < 1:
@@ -167,6 +180,7 @@ def parse_compare_config(values: dict[str, Any], seeds: int | None = None) -> Co
         run = merge(base, w.get("run") or {})
         run_cfg = build_config(RunConfig, run)  # checks names and types now
         name = str(w.get("name") or f"{run_cfg.data.name}-{run_cfg.model.arch}-{run_cfg.model.optimizer}")
+        _check_name(name, "workload")
         if any(name == x.name for x in workloads):
             raise ConfigError(f"workload name {name!r} appears twice; give each workload its own name")
         workloads.append(Workload(name=name, run=run))
@@ -181,6 +195,7 @@ def parse_compare_config(values: dict[str, Any], seeds: int | None = None) -> Co
         _check_keys(a, {"name", *_SLEEP_KEYS}, f"arms[{i}]")
         if "name" not in a:
             raise ConfigError(f"arms[{i}] needs a 'name'")
+        _check_name(str(a["name"]), "arm")
         sleep = {k: v for k, v in a.items() if k != "name"}
         sleep.setdefault("strategy", a["name"])
         build_config(RunConfig, {"sleep": sleep})  # type-check the sleep settings

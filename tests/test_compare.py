@@ -40,6 +40,8 @@ def comparison(tmp_path_factory):
         ({"arms": [{"name": "x", "horizon": "far"}]}, "sleep.horizon"),
         ({"tune": {"lrs": [0.01, "fast"]}}, "tune.lrs must hold numbers"),
         ({"tune": {"step": 3}}, "unknown tune key 'step'"),
+        ({"arms": ["none", {"name": "../x", "strategy": "linear"}]}, "arm name '../x' must be"),
+        ({"arms": ["none", {"name": "x", "strategy": "dream"}]}, "unknown sleep.strategy 'dream'"),
     ],
 )
 def test_bad_compare_configs_are_one_line_errors(change, message):
