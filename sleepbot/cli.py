@@ -330,6 +330,175 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ train-forecaster
+def _add_train_forecaster(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="directories of recorded runs (sleepbot collect) or .h5 files",
+    )
+    p.add_argument("--out", required=True, help="checkpoint to write, e.g. forecaster.pt")
+    p.add_argument("--model", default="lstm", help="forecaster to train: lstm (default) or mlp")
+    p.add_argument("--context", type=int, default=5, help="snapshots read (default 5)")
+    p.add_argument("--horizons", default="5,10,20", help="snapshots ahead, comma-separated (default 5,10,20)")
+    p.add_argument(
+        "--baselines",
+        default="mlp",
+        help="learned baselines trained alongside, comma-separated ('' for none)",
+    )
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="optimizer steps (default 2000; = --trainer.max_steps)"
+    )
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3, cosine to 0)")
+    p.add_argument(
+        "--groups-per-epoch", type=int, default=1000, help="window groups per epoch (default 1000)"
+    )
+    p.add_argument("--max-weights", type=int, default=16384, help="weights per window group (default 16384)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading HDF5 (default 0)")
+    p.add_argument(
+        "--holdout",
+        action="append",
+        default=[],
+        metavar="KEY=V[,V]",
+        help="send runs whose attribute matches to test only, e.g. arch=mlp (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="model init and window sampling (default 0)")
+    p.add_argument("--split-seed", type=int, default=0, help="which runs go to val/test (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.epilog = (
+        "Any Lightning Trainer option passes through as --trainer.KEY VALUE (e.g. --trainer.devices 2 "
+        "--trainer.strategy ddp --trainer.precision bf16-mixed); forecaster options as --forecaster.KEY VALUE "
+        "(e.g. --forecaster.hidden 64)."
+    )
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SleepbotError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _run_train_forecaster(args: argparse.Namespace) -> int:
+    from sleepbot.config import parse_overrides
+
+    tree = parse_overrides(args.overrides)
+    unknown = sorted(set(tree) - {"trainer", "forecaster"})
+    if unknown:
+        raise SleepbotError(
+            f"unknown override section {unknown[0]!r}; valid: --trainer.KEY, --forecaster.KEY"
+        )
+    holdout = {}
+    for item in args.holdout:
+        if "=" not in item:
+            raise SleepbotError(f"--holdout takes KEY=VALUE[,VALUE], got {item!r}")
+        key, value = item.split("=", 1)
+        holdout[key] = value.split(",")
+    trainer_kwargs = dict(tree.get("trainer", {}))
+    if args.max_steps is not None:
+        trainer_kwargs["max_steps"] = args.max_steps
+    from sleepbot.forecast.module import ForecasterTrainConfig, train_forecaster
+
+    cfg = ForecasterTrainConfig(
+        model=args.model,
+        context=args.context,
+        horizons=_int_list(args.horizons, "--horizons"),
+        model_options=dict(tree.get("forecaster", {})),
+        baselines=tuple(b.strip() for b in args.baselines.split(",") if b.strip()),
+        lr=args.lr,
+        groups_per_epoch=args.groups_per_epoch,
+        max_weights=args.max_weights,
+        num_workers=args.num_workers,
+        holdout=holdout or None,
+        seed=args.seed,
+        split_seed=args.split_seed,
+    )
+    result = train_forecaster(
+        args.data, cfg, trainer_kwargs=trainer_kwargs, out=args.out, overwrite=args.overwrite
+    )
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in result.split.items())
+    print(f"runs: {len(result.runs)} ({sizes}; split by run, recorded in the checkpoint)")
+    for name, scores in result.val_scores.items():
+        r2 = "  ".join(
+            f"h{k.rsplit('h', 1)[1]} {v:.3f}" for k, v in scores.items() if k.startswith("val_r2_")
+        )
+        print(f"{name}: trained in {result.seconds[name]:.0f}s; validation R2_disp {r2}")
+    print(f"wrote {args.out}; score it on held-out runs with:")
+    print(f"  sleepbot evaluate-forecaster --model {args.out} --data {' '.join(args.data)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- evaluate-forecaster
+def _add_evaluate_forecaster(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="forecaster checkpoint (default: the one shipped with sleepbot)"
+    )
+    p.add_argument("--data", required=True, nargs="+", help="directories of recorded runs or .h5 files")
+    p.add_argument(
+        "--split",
+        default="auto",
+        help="auto (default: every run the checkpoint did not train or validate on), test, val, train or all",
+    )
+    p.add_argument("--by", default=None, help="also one table per value of a run attribute, e.g. lr or arch")
+    p.add_argument("--stride", type=int, default=1, help="spacing of window end snapshots (default 1: all)")
+    p.add_argument("--compare", action="append", default=[], help="another checkpoint to score alongside")
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not tell the forecasters the training progress"
+    )
+    p.add_argument("--json", default=None, help="write the tables as JSON to this file")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    p.add_argument(
+        "--plot", default=None, help="save forecast-vs-actual for the first scored run to this PNG"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
+
+
+def _run_evaluate_forecaster(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sleepbot.forecast import checkpoint_meta, load_baselines, load_forecaster
+    from sleepbot.forecast.evaluate import evaluate, evaluate_by, format_table, select_runs, write_json
+    from sleepbot.forecast.windows import resolve_paths, scan_runs
+
+    for target in (args.json, args.plot):
+        if target and Path(target).exists() and not args.overwrite:
+            raise SleepbotError(f"{target!r} exists; pass --overwrite to replace it")
+    model = load_forecaster(args.model)
+    models = {**load_baselines(args.model)}
+    for extra in args.compare:
+        models[Path(extra).stem] = load_forecaster(extra)
+    models[model.name if model.name not in models else f"{model.name} (checkpoint)"] = model
+    meta = checkpoint_meta(args.model)
+    runs = scan_runs(resolve_paths(args.data), min_snapshots=model.context + 1)
+    chosen = select_runs(runs, meta.get("split"), args.split)
+    if not chosen:
+        raise SleepbotError(
+            f"no runs to score: {len(runs)} runs found, none in split {args.split!r} of this checkpoint"
+        )
+    print(
+        f"scoring {len(chosen)} of {len(runs)} runs (split {args.split}); forecaster {args.model or 'shipped'}"
+    )
+    kw = {"stride": args.stride, "use_progress": not args.no_progress}
+    result = evaluate(models, chosen, **kw)
+    print(format_table(result, markdown=args.markdown))
+    out = {"all": result}
+    if args.by:
+        out["by"] = evaluate_by(models, chosen, args.by, **kw)
+        for key, res in out["by"].items():
+            print(f"\n{key} ({len(res['runs'])} runs)")
+            print(format_table(res, markdown=args.markdown))
+    if args.json:
+        write_json(out, args.json, overwrite=args.overwrite)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from sleepbot.viz.forecast import plot_forecast
+
+        plot_forecast(chosen[0].path, args.plot, forecaster=model)
+        print(f"wrote {args.plot} (forecast vs actual, {Path(chosen[0].path).stem})")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
     # name: (help, add_arguments, run, takes dotted config overrides)
     "train": ("train one run from a YAML config plus dotted overrides", _add_train, _run_train, True),
@@ -349,6 +518,18 @@ COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
         True,
     ),
     "demo": ("the whole story on digits: collect, forecaster, compare, report", _add_demo, _run_demo, False),
+    "train-forecaster": (
+        "train the weight forecaster (and its baselines) on recorded runs, split by run",
+        _add_train_forecaster,
+        _run_train_forecaster,
+        True,
+    ),
+    "evaluate-forecaster": (
+        "score a forecaster against persistence, linear and MLP baselines on held-out runs",
+        _add_evaluate_forecaster,
+        _run_evaluate_forecaster,
+        False,
+    ),
 }
 
 

@@ -71,6 +71,11 @@ class Forecaster(nn.Module):
         snapshot_every: optimizer steps between the snapshots of its training data, when known (a checkpoint
             carries it); a caller whose snapshots are spaced differently should know it is outside the training
             distribution.
+        default_horizon: the horizon a caller should use when it has no reason to pick another (the sleep
+            callback's default): 5 snapshots unless set, capped at the largest trained horizon. Five, because with
+            a context of 5 the sleep callback sleeps every context x snapshot_every steps, and jumping as far
+            ahead as it waited doubles the progress per sleep; and because it is the shortest trained horizon,
+            where the forecast is best on the slow runs where jumping pays (see the README's table).
 
     Subclasses implement `displacement`; `predict` adds it to the last snapshot.
     """
@@ -79,7 +84,11 @@ class Forecaster(nn.Module):
     learned: ClassVar[bool] = False
 
     def __init__(
-        self, context: int = 5, horizons: Sequence[int] = (5, 10, 20), snapshot_every: int | None = None
+        self,
+        context: int = 5,
+        horizons: Sequence[int] = (5, 10, 20),
+        snapshot_every: int | None = None,
+        default_horizon: int | None = None,
     ) -> None:
         super().__init__()
         horizons = tuple(int(h) for h in horizons)

@@ -78,9 +78,10 @@ class MLPForecaster(LearnedForecaster):
         context: int = 5,
         horizons: Sequence[int] = (5, 10, 20),
         snapshot_every: int | None = None,
+        default_horizon: int | None = None,
         hidden: int = 64,
     ) -> None:
-        super().__init__(context, horizons, snapshot_every)
+        super().__init__(context, horizons, snapshot_every, default_horizon)
         self.hidden = int(hidden)
         self.net = nn.Sequential(
             nn.Linear(2 * (self.context - 1), hidden),

@@ -153,3 +153,40 @@ def write_json(result: dict[str, Any], path: str | Path, overwrite: bool = False
         raise SleepbotError(f"{str(path)!r} exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+
+
+def select_runs(
+    runs: Sequence[RunInfo], split: dict[str, list[str]] | None, which: str = "auto"
+) -> list[RunInfo]:
+    """The runs to score, given the split recorded in a forecaster's checkpoint.
+
+    Args:
+        runs: every run found in the data.
+        split: the checkpoint's {'train': [...], 'val': [...], 'test': [...]} run ids (None: unknown).
+        which: `auto` (every run the forecaster did not train or validate on: its test runs and any run it never
+            saw), `test`, `val` or `train` (that split's runs present in the data), or `all` (every run, seen or
+            not: a score on training runs measures memory, not forecasting).
+    """
+    valid = ("auto", "test", "val", "train", "all")
+    if which not in valid:
+        raise SleepbotError(f"unknown split {which!r}; valid: {', '.join(valid)}")
+    split = split or {}
+    if which == "all":
+        return list(runs)
+    if which == "auto":
+        seen = set(split.get("train", [])) | set(split.get("val", []))
+        return [r for r in runs if r.run_id not in seen]
+    ids = set(split.get(which, []))
+    return [r for r in runs if r.run_id in ids]
+
+
+def evaluate_by(
+    models: dict[str, Forecaster], runs: Sequence[RunInfo], attr: str, **kwargs: Any
+) -> dict[str, dict[str, Any]]:
+    """`evaluate` on each group of runs sharing the value of a run attribute (`lr`, `arch`, `dataset`, ...)."""
+    groups: dict[str, list[RunInfo]] = {}
+    for r in runs:
+        if attr not in r.attrs:
+            raise SleepbotError(f"unknown run attribute {attr!r}; valid: {', '.join(sorted(r.attrs))}")
+        groups.setdefault(f"{attr}={r.attrs[attr]}", []).append(r)
+    return {key: evaluate(models, rs, **kwargs) for key, rs in sorted(groups.items())}

@@ -30,7 +30,9 @@ from sleepbot.forecast.base import KINDS, LearnedForecaster, kind_index, neuron_
 from sleepbot.forecast.baselines import line_fit
 
 N_STEP_FEATURES = 5  # per snapshot-to-snapshot step of a neuron (see `_neuron_features`)
-N_CONST_FEATURES = 4 + len(KINDS)  # per neuron: relative speed, progress, progress known, log fan-in, kind
+# Per neuron: relative speed, progress, progress known, log fan-in, and the kind as (linear, convolution): conv1d,
+# conv2d and conv3d share one flag, so that a forecaster trained on conv2d layers has seen the flag a conv1d sets.
+N_CONST_FEATURES = 6
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,7 @@ def neuron_features(
     with the previous step and with the whole context's displacement (does it keep its direction?), its mean in
     motion units (a drift shared by the neuron's weights), and the neuron's norm relative to the last snapshot.
     Constant per neuron, repeated at every step: log(step size / weight size), progress (0 when unknown) and a
-    flag saying whether it is known, log fan-in, and the layer kind one-hot.
+    flag saying whether it is known, log fan-in, and whether the layer is linear or a convolution.
     """
     c, n, f = history.shape
     d = history[1:] - history[:-1]  # [C-1, N, F]
@@ -68,12 +70,12 @@ def neuron_features(
     else:
         known = torch.isfinite(progress).float()
         prog = torch.nan_to_num(progress.float(), nan=0.0).clamp(0, 2)
-    onehot = torch.zeros(n, len(KINDS), device=history.device)
-    onehot[:, kind_index(kind)] = 1.0
+    onehot = torch.zeros(n, 2, device=history.device)
+    onehot[:, 0 if KINDS[kind_index(kind)] == "linear" else 1] = 1.0
     fan = torch.full((n,), math.log(f) / 5, device=history.device)
-    const = torch.cat([torch.stack([speed, prog, known, fan], -1), onehot], -1)  # [N, 8]
-    step = torch.cat([step, const[None].expand(c - 1, n, const.shape[-1])], -1)  # [C-1, N, 13]
-    return step.transpose(0, 1).contiguous()  # [N, C-1, 13]
+    const = torch.cat([torch.stack([speed, prog, known, fan], -1), onehot], -1)  # [N, 6]
+    step = torch.cat([step, const[None].expand(c - 1, n, const.shape[-1])], -1)  # [C-1, N, 11]
+    return step.transpose(0, 1).contiguous()  # [N, C-1, 11]
 
 
 @register_forecaster("lstm")
@@ -93,17 +95,19 @@ class LSTMForecaster(LearnedForecaster):
         context: int = 5,
         horizons: Sequence[int] = (5, 10, 20),
         snapshot_every: int | None = None,
+        default_horizon: int | None = None,
         hidden: int = 32,
         head_hidden: int = 32,
     ) -> None:
-        super().__init__(context, horizons, snapshot_every)
+        super().__init__(context, horizons, snapshot_every, default_horizon)
         self.hidden = int(hidden)
         self.head_hidden = int(head_hidden)
         n_h = len(self.horizons)
         self.lstm = nn.LSTM(N_STEP_FEATURES + N_CONST_FEATURES, hidden, batch_first=True)
         self.neuron_out = nn.Linear(hidden + N_CONST_FEATURES, head_hidden + n_h)
-        # Per-weight input: the C-1 earlier values relative to the last, the line's slope and its offset.
-        self.head_in = nn.Linear(self.context + 1, head_hidden, bias=False)
+        # Per-weight input: the C-1 earlier values relative to the last, the line's slope, its offset, and the RMS
+        # residual around the line (the weight's own noise: how far to trust its slope).
+        self.head_in = nn.Linear(self.context + 2, head_hidden, bias=False)
         self.head_out = nn.Linear(head_hidden, n_h)
         with torch.no_grad():
             # Start as linear extrapolation: alpha = 1, head output 0.
@@ -119,9 +123,9 @@ class LSTMForecaster(LearnedForecaster):
     def forward(self, history: torch.Tensor, kind: str, progress: torch.Tensor | None) -> torch.Tensor:
         c, n, f = history.shape
         scale = neuron_scale(history)  # [N]
-        seq = neuron_features(history, scale, kind, progress)  # [N, C-1, 13]
+        seq = neuron_features(history, scale, kind, progress)  # [N, C-1, 11]
         _, (h_n, _) = self.lstm(seq)
-        const = seq[:, -1, N_STEP_FEATURES:]  # [N, 8]
+        const = seq[:, -1, N_STEP_FEATURES:]  # [N, 6]
         z = self.neuron_out(torch.cat([h_n[-1], const], -1))  # [N, head_hidden + H]
         bias, alpha = z[:, : self.head_hidden], z[:, self.head_hidden :]
 
@@ -129,7 +133,12 @@ class LSTMForecaster(LearnedForecaster):
         slope, offset = line_fit(history)  # [N, F] each
         slope, offset = slope / s, offset / s
         x = (history[:-1] - history[-1]) / s  # [C-1, N, F]
-        u = torch.cat([x.permute(1, 2, 0), slope[..., None], offset[..., None]], -1)  # [N, F, C+1]
+        t = torch.arange(c, dtype=x.dtype, device=x.device) - (c - 1)  # snapshot times relative to the last
+        resid = torch.cat([x, torch.zeros_like(x[:1])]) - offset - slope * t[:, None, None]  # [C, N, F]
+        noise = resid.pow(2).mean(0).sqrt()  # [N, F]
+        u = torch.cat(
+            [x.permute(1, 2, 0), slope[..., None], offset[..., None], noise[..., None]], -1
+        )  # [N,F,C+2]
         hid = F.gelu(self.head_in(u) + bias[:, None, :])  # [N, F, head_hidden]
         out = self.head_out(hid)  # [N, F, H]
         line = offset[..., None] + slope[..., None] * self._h  # [N, F, H]

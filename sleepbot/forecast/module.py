@@ -1,8 +1,8 @@
 """Training a forecaster: `ForecasterModule` (a LightningModule) and `train_forecaster`, what the CLI calls.
 
-Every forecaster is trained on the same loss: the mean squared error of the forecast displacement, in units of each
-neuron's motion over the context (`base.neuron_scale`), so a slow neuron counts as much as a fast one and the loss
-does not depend on the learning rate of the runs. Trainer options (devices, strategy, precision, max_steps, ...)
+Every forecaster is trained on the same loss: the unexplained displacement of each group of windows (1 - R2_disp
+of one layer at a few times, see `group_errors`), which is what the evaluation reports and does not depend on the
+scale of the weights or the learning rate of the runs. Trainer options (devices, strategy, precision, max_steps, ...)
 pass straight through `trainer_kwargs`.
 """
 
@@ -35,11 +35,17 @@ from sleepbot.forecast.windows import (
 
 
 def group_errors(model: Forecaster, group: dict) -> dict[str, torch.Tensor]:
-    """A forecaster's errors on one group of windows, summed per horizon.
+    """A forecaster's errors on one group of windows (one layer, a few end times), per horizon.
+
+    The loss is the group's unexplained displacement, sum ||w_hat - w(t+h)||^2 / sum ||w(t+h) - w(t)||^2 (1 - R2_disp
+    of the group), averaged over horizons: the quantity the evaluation reports, made scale-free per group (per layer,
+    as NiNo scales per layer) so that a layer that moves 100x further does not drown the others. A per-neuron
+    normalisation was tried first and failed: a neuron frozen over its context (a dead ReLU) that starts moving gets
+    a target of 1e6 motion units and its windows take over the loss.
 
     Returns:
-        `loss_sum` (squared error in neuron-motion units), `count` (weights x horizons counted), and per horizon
-        [H]: `sse` (squared error, raw units), `sst` (squared true displacement, raw units), `n` (windows).
+        `loss_sum` (sum over horizons of 1 - R2 of the group), `count` (horizons with windows), and per horizon
+        [H]: `sse`, `sst` (raw units) and `n` (windows).
     """
     history, target, mask = group["history"], group["target"], group["mask"]  # [C,M,F], [H,M,F], [H,M]
     if model.learned:
@@ -48,14 +54,16 @@ def group_errors(model: Forecaster, group: dict) -> dict[str, torch.Tensor]:
         pred = model.displacement(history, model.horizons, group["kind"], group["progress"])
     true = target - history[-1]  # [H, M, F]
     m = mask[..., None].to(pred.dtype)  # [H, M, 1]
-    scale = neuron_scale(history)[None, :, None]  # [1, M, 1]
-    err = (pred - true) * m
-    f = history.shape[-1]
+    sse = ((pred - true) * m).pow(2).sum(dim=(1, 2))  # [H]
+    sst = (true * m).pow(2).sum(dim=(1, 2))  # [H]
+    # A floor for a layer that does not move at all: one snapshot step of the context's motion per weight.
+    floor = 1e-3 * neuron_scale(history).pow(2).sum() * history.shape[-1] + 1e-30
+    has = mask.any(1)  # [H]
     return {
-        "loss_sum": (err / scale).pow(2).sum(),
-        "count": m.sum() * f,
-        "sse": err.pow(2).sum(dim=(1, 2)).detach(),
-        "sst": (true * m).pow(2).sum(dim=(1, 2)).detach(),
+        "loss_sum": (sse / (sst + floor))[has].sum(),
+        "count": has.sum().to(pred.dtype),
+        "sse": sse.detach(),
+        "sst": sst.detach(),
         "n": mask.sum(1).detach(),
     }
 

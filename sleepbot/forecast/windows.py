@@ -26,6 +26,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from sleepbot.errors import SleepbotError
 
 SPLITS = ("train", "val", "test")
+# Runs are split within each group of runs sharing these attributes, so every split holds every setting.
+GROUP_KEYS = ("dataset", "arch", "optimizer", "lr")
 
 
 @dataclass
@@ -49,7 +51,7 @@ class RunInfo:
         snapshot_steps: [S] steps of the usable snapshots (the regular grid; see `scan_runs`).
         snapshot_rows: [S] their row positions in the file.
         max_steps: the run's configured step budget (for progress), or None.
-        group: (dataset, arch, optimizer): runs are split within each group.
+        group: the run's GROUP_KEYS values: runs are split within each group.
     """
 
     path: str
@@ -58,7 +60,7 @@ class RunInfo:
     snapshot_steps: np.ndarray
     snapshot_rows: np.ndarray
     max_steps: int | None
-    group: tuple[str, str, str]
+    group: tuple[str, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -119,12 +121,12 @@ def scan_runs(paths: Sequence[str | Path], min_snapshots: int = 2) -> list[RunIn
             if len(rows) < min_snapshots:
                 continue
             cfg = run.attrs.get("config") or {}
-            max_steps = (cfg.get("trainer") or {}).get("max_steps")
+            max_steps = run.attrs.get("max_steps") or (cfg.get("trainer") or {}).get("max_steps")
             layers = []
             for name in run.layers:
                 info = run.layer_info(name)
                 layers.append(LayerRecord(name, str(info["kind"]), int(info["n_kept"]), int(info["fan_in"])))
-            group = tuple(str(run.attrs.get(k, "")) for k in ("dataset", "arch", "optimizer"))
+            group = tuple(str(run.attrs.get(k, "")) for k in GROUP_KEYS)
             infos.append(
                 RunInfo(
                     path=str(path),
@@ -134,7 +136,7 @@ def scan_runs(paths: Sequence[str | Path], min_snapshots: int = 2) -> list[RunIn
                     snapshot_rows=np.asarray(rows, dtype=np.int64),
                     max_steps=int(max_steps) if max_steps else None,
                     group=group,  # type: ignore[arg-type]
-                    attrs={k: run.attrs.get(k) for k in ("dataset", "arch", "optimizer", "seed")},
+                    attrs={k: run.attrs.get(k) for k in (*GROUP_KEYS, "seed")},
                 )
             )
     spacings = sorted({r.snapshot_every for r in infos})
@@ -154,7 +156,7 @@ def split_runs(
 ) -> dict[str, list[str]]:
     """Assign whole runs to train / val / test; returns run ids per split.
 
-    Within each (dataset, arch, optimizer) group the runs are shuffled by `seed` and `fractions` (val, test) of
+    Within each group of runs with the same dataset, arch, optimizer and lr, the runs are shuffled by `seed` and `fractions` (val, test) of
     them go to val and test, at least one each when the group has three runs or more, so every split sees every
     kind of run. `holdout` ({'arch': 'mlp'} or {'dataset': ['mnist1d']}) sends every matching run to test
     instead (an architecture or dataset left out of training).
