@@ -335,25 +335,18 @@ def _forecast(sec: _Section, figs: _Figures, forecaster: str | None, run_path: s
     if run_path is None:
         sec.note("No recorded run to forecast.")
         return
-    try:
-        from sleepbot.viz import forecast as fviz
-    except ImportError as e:
-        sec.note(f"The forecast plot is not available in this install ({e}).")
-        return
-    plot = getattr(fviz, "plot_forecast", None) or getattr(fviz, "plot_forecast_vs_actual", None)
-    if plot is None:
-        sec.note(
-            "The forecast plot is not available in this install (sleepbot.viz.forecast has no plot function)."
-        )
-        return
+    from sleepbot.viz.forecast import plot_forecast
+
+    which = f"the forecaster {forecaster}" if forecaster else "the shipped default forecaster"
     sec.text(
-        "Forecast against actual for sample neurons of a run the forecaster never saw: the learned forecaster's "
-        "prediction and linear extrapolation, from the same context, against the recorded weights."
+        f"Forecast against actual for sample weights of a run of the comparison (a seed the forecaster was not "
+        f"trained on): {which}'s prediction and linear extrapolation, from the same context, against the "
+        f"recorded trajectory."
     )
     figs.add(
         sec,
         "forecast",
-        lambda: plot(run_path, forecaster=forecaster),
+        lambda: plot_forecast(run_path, forecaster=forecaster),
         f"forecast vs actual: {Path(run_path).stem}",
     )
 
