@@ -84,3 +84,23 @@ def test_sleep_tables_script_at_toy_size(tmp_path, capsys):
     assert entry["untuned"]["lr"] == 1e-3
     md = (tmp_path / "sleep_tables.md").read_text()
     assert "digits, tuned lr" in md and "digits, untuned lr 0.001" in md
+
+
+def test_shipped_sleep_configs_build_a_sleep_callback():
+    import pytest
+
+    from sleepbot.config import resolve_run_config
+    from sleepbot.errors import SleepbotError
+    from sleepbot.forecast import DEFAULT_PATH
+    from sleepbot.sleep import sleep_from_config
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("sleep_*.yaml"))
+    assert {p.stem for p in paths} >= {"sleep_linear", "sleep_learned", "sleep_lookahead", "sleep_noise"}
+    for path in paths:
+        cfg = resolve_run_config(path)
+        if cfg.sleep.strategy == "learned" and not DEFAULT_PATH.is_file():
+            with pytest.raises(SleepbotError, match="default forecaster"):
+                sleep_from_config(cfg)
+            continue
+        cb = sleep_from_config(cfg)
+        assert cb.strategy.name == cfg.sleep.strategy
