@@ -24,7 +24,8 @@ from sleepbot.errors import SleepbotError
 
 MARKER = ".sleepbot-demo"
 
-# Sizes. Full: 12 recorded runs for the forecaster; 10 fresh seeds x 6 arms for the comparison, 400 steps each.
+# Sizes. Full: 12 recorded runs for the forecaster; a 4-point lr grid x 3 seeds, then 10 fresh seeds x 6 arms for
+# the comparison, 400 steps each.
 # Quick: the same pipeline with 4 short runs, a few forecaster steps and 2 seeds; its numbers mean nothing.
 PLANS: dict[str, dict[str, Any]] = {
     "full": {
@@ -38,7 +39,7 @@ PLANS: dict[str, dict[str, Any]] = {
             "seeds": 10,
             "seed_start": 1000,  # fresh: the forecaster never saw these seeds
             "base": {"trainer": {"max_steps": 400, "val_every_n_steps": 10}},
-            "tune": {"lrs": [1e-3, 3e-3, 1e-2], "seeds": 3},
+            "tune": {"lrs": [1e-3, 3e-3, 1e-2, 3e-2], "seeds": 3},  # the grid: 1e-3 to 3e-2
             "record_every": 10,
             "sleep": {"every_n_steps": 50, "horizon": 5, "context": 5},
             "oracle": True,

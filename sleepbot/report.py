@@ -208,11 +208,11 @@ def _summary(sec: _Section, results: dict[str, Any]) -> None:
                 else ("slower" if sp["hi"] is not None and sp["hi"] < 1 else "no clear difference")
             )
             sec.md.append(
-                f"- **{name}**: {verdict} than none ({_fmt(sp['ratio'], 2)}x, 95% CI {_fmt(sp['lo'], 2)}-"
+                f"- **{name}**: {verdict} none ({_fmt(sp['ratio'], 2)}x, 95% CI {_fmt(sp['lo'], 2)}-"
                 f"{_fmt(sp['hi'], 2)}, p={_fmt(sp['p_value'], 3)}); final test accuracy {drop:+.4f} vs none."
             )
             sec.html.append(
-                f"<p><b>{html.escape(name)}</b>: {verdict} than none ({_fmt(sp['ratio'], 2)}x, 95% CI "
+                f"<p><b>{html.escape(name)}</b>: {verdict} none ({_fmt(sp['ratio'], 2)}x, 95% CI "
                 f"{_fmt(sp['lo'], 2)}-{_fmt(sp['hi'], 2)}, p={_fmt(sp['p_value'], 3)}); final test accuracy "
                 f"{drop:+.4f} vs none.</p>"
             )
@@ -251,6 +251,11 @@ def _setup(sec: _Section, results: dict[str, Any]) -> None:
                 for r in t["table"]
             ]
             _table(sec, ["lr", "runs", "median final val acc", "median steps to the best accuracy"], rows)
+            if len(t["grid"]) > 1 and t["lr"] in (min(t["grid"]), max(t["grid"])):
+                sec.note(
+                    f"The chosen lr {_fmt(t['lr'], 4)} is at the edge of the grid: the best lr may lie beyond it, "
+                    "and the baseline may be under-tuned. Extend the grid to be sure."
+                )
         else:
             sec.note(f"The learning rate ({_fmt(t.get('lr'), 4)}) was NOT tuned: speedups may be lr effects.")
     rows = []

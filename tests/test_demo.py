@@ -27,6 +27,14 @@ def test_demo_quick_end_to_end(tmp_path):
     assert f"report: {out / 'report.html'}" in proc.stdout
     page = (out / "report.html").read_text()
     assert all(f'<section id="{key}">' in page for key in SECTIONS)
+    for fig in (
+        "curves_digits-small_cnn-adam.png",
+        "norms_none.png",
+        "response_grid.png",
+        "response.gif",
+        "forecast.png",
+    ):
+        assert (out / "figures" / fig).stat().st_size > 1000, fig  # each drawn, none replaced by a note
     results = json.loads((out / "compare" / "results.json").read_text())
     w = results["workloads"]["digits-small_cnn-adam"]
     assert set(w["arms"]) == {"none", "noise", "square_normalize", "linear", "learned"}
