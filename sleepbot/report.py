@@ -203,9 +203,9 @@ def _summary(sec: _Section, results: dict[str, Any]) -> None:
                 continue
             drop = (a["final_test_acc"]["median"] or 0) - (base.get("final_test_acc", {}).get("median") or 0)
             verdict = (
-                "faster"
+                "faster than"
                 if sp["lo"] is not None and sp["lo"] > 1
-                else ("slower" if sp["hi"] is not None and sp["hi"] < 1 else "no clear difference")
+                else ("slower than" if sp["hi"] is not None and sp["hi"] < 1 else "no clear difference from")
             )
             sec.md.append(
                 f"- **{name}**: {verdict} none ({_fmt(sp['ratio'], 2)}x, 95% CI {_fmt(sp['lo'], 2)}-"
