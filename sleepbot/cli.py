@@ -352,7 +352,7 @@ def _add_train_forecaster(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3, cosine to 0)")
     p.add_argument(
-        "--groups-per-epoch", type=int, default=1000, help="window groups per epoch (default 1000)"
+        "--groups-per-epoch", type=int, default=4000, help="window groups per epoch (default 4000)"
     )
     p.add_argument("--max-weights", type=int, default=16384, help="weights per window group (default 16384)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading HDF5 (default 0)")
@@ -365,6 +365,7 @@ def _add_train_forecaster(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="model init and window sampling (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="which runs go to val/test (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.epilog = (
         "Any Lightning Trainer option passes through as --trainer.KEY VALUE (e.g. --trainer.devices 2 "
@@ -400,6 +401,10 @@ def _run_train_forecaster(args: argparse.Namespace) -> int:
         trainer_kwargs["max_steps"] = args.max_steps
     from sleepbot.forecast.module import ForecasterTrainConfig, train_forecaster
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = ForecasterTrainConfig(
         model=args.model,
         context=args.context,

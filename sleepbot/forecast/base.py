@@ -99,6 +99,13 @@ class Forecaster(nn.Module):
         self.context = int(context)
         self.horizons = horizons
         self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
+        if default_horizon is None:
+            default_horizon = min(5, horizons[-1]) if self.learned else 5
+        if int(default_horizon) < 1 or (self.learned and int(default_horizon) > horizons[-1]):
+            raise SleepbotError(
+                f"default_horizon must be between 1 and the largest horizon {horizons[-1]}, got {default_horizon}"
+            )
+        self.default_horizon = int(default_horizon)
 
     def config(self) -> dict[str, Any]:
         """Constructor keyword arguments that rebuild this forecaster (stored in checkpoints)."""
@@ -106,6 +113,7 @@ class Forecaster(nn.Module):
             "context": self.context,
             "horizons": list(self.horizons),
             "snapshot_every": self.snapshot_every,
+            "default_horizon": self.default_horizon,
         }
 
     # ----------------------------------------------------------------------------------------- to implement

@@ -9,10 +9,12 @@ pass straight through `trainer_kwargs`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,12 @@ from sleepbot.forecast.windows import (
     scan_runs,
     split_runs,
 )
+
+# As in sleepbot.training: Lightning's advertisement and its own pytree deprecation say nothing about the run.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda r: "litlogger" not in r.getMessage()
+)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def group_errors(model: Forecaster, group: dict) -> dict[str, torch.Tensor]:
@@ -186,7 +194,7 @@ class ForecasterTrainConfig:
     groups_per_step: int = 4
     max_weights: int = 16384
     positions: int = 4
-    groups_per_epoch: int = 1000
+    groups_per_epoch: int = 4000
     progress_dropout: float = 0.2
     val_fraction: float = 0.15
     test_fraction: float = 0.15

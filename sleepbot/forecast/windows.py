@@ -46,7 +46,7 @@ class RunInfo:
 
     Attributes:
         path: the run file.
-        run_id: `<file stem>@<created timestamp>`: the identity recorded in a checkpoint's split.
+        run_id: `<file stem>@<config hash>` (see `run_id`): the identity recorded in a checkpoint's split.
         layers: recorded layers, in definition order.
         snapshot_steps: [S] steps of the usable snapshots (the regular grid; see `scan_runs`).
         snapshot_rows: [S] their row positions in the file.
@@ -69,8 +69,26 @@ class RunInfo:
 
 
 def run_id(path: str | Path, attrs: dict[str, Any]) -> str:
-    """A run's identity: the file stem plus its creation time, so equal names in two stores stay apart."""
-    return f"{Path(path).stem}@{attrs.get('created', '')}"
+    """A run's identity: `<file stem>@<hash of its config>`.
+
+    The same config and seed give the same trajectory (runs are deterministic on CPU), so a run re-collected into
+    another directory keeps its identity and a checkpoint's split still recognises its training runs there; two
+    different runs that happen to share a file name do not. Where the run was written (out_dir, record.path) and
+    how it was logged are left out of the hash.
+    """
+    import hashlib
+    import json
+
+    cfg = json.loads(json.dumps(attrs.get("config") or {}, default=str))
+    cfg.pop("out_dir", None)
+    cfg.pop("name", None)
+    for section, keys in (("record", ("path", "overwrite")), ("trainer", ("logger", "progress_bar"))):
+        for key in keys:
+            (cfg.get(section) or {}).pop(key, None)
+    if not cfg:  # no config recorded: fall back on the creation time
+        return f"{Path(path).stem}@{attrs.get('created', '')}"
+    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{Path(path).stem}@{digest}"
 
 
 def resolve_paths(data: str | Path | Sequence[str | Path]) -> list[Path]:
