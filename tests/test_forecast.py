@@ -209,6 +209,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
             pickle.dumps({"format": "sleepbot-forecaster", "obj": _Exploit(str(exploit_target))})
         ),
         "text.txt": lambda p: p.write_text("not a checkpoint\n"),
+        "hello.pt": lambda p: p.write_text("hello"),  # 'h' is a pickle opcode: the unpickler fails oddly
         "empty.pt": lambda p: p.write_bytes(b""),
     }
     for name, make in cases.items():

@@ -20,7 +20,7 @@ def line_fit(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         is then w(C-1) + offset + slope * h.
     """
     c = history.shape[0]
-    t = torch.arange(c, dtype=history.dtype) - (c - 1) / 2  # centred times, sum 0
+    t = torch.arange(c, dtype=history.dtype, device=history.device) - (c - 1) / 2  # centred times, sum 0
     mean = history.mean(0)  # [N, F]
     slope = torch.tensordot(t, history, dims=([0], [0])) / t.pow(2).sum()  # [N, F]
     offset = mean + slope * t[-1] - history[-1]

@@ -283,10 +283,16 @@ def fit_one(
         kwargs["limit_val_batches"] = 0
     trainer = pl.Trainer(**kwargs)
     trainer.fit(module, train_dataloaders=_loader(train, cfg), val_dataloaders=val_loader)
-    if val_loader is not None and not module.val_scores:
+
+    def scores() -> dict[str, float]:
+        # callback_metrics, not module.val_scores: under ddp_spawn the module that validated lived in a child
+        # process, and Lightning carries only the weights and the callback metrics back.
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+
+    if val_loader is not None and not scores():
         trainer.validate(module, dataloaders=val_loader, verbose=False)
     model = module.model.cpu().eval()
-    return model, dict(module.val_scores)
+    return model, scores()
 
 
 def train_forecaster(
