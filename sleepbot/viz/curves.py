@@ -122,7 +122,12 @@ def plot_learning_curves(
         ax.grid(alpha=0.3)
         if target is not None:
             ax.axhline(target, color="#555555", linestyle="--", linewidth=1, label=f"target {target:.3f}")
-    axes[0].legend(loc="lower right" if metric == "val_acc" else "upper right", fontsize=8)
+    # Above the rows of sleep ticks (one row per arm along the bottom), so the legend never hides them.
+    ticks_top = 0.03 + 0.035 * len(groups) + 0.01 if events else 0.0
+    if metric == "val_acc":
+        axes[0].legend(loc="lower right", bbox_to_anchor=(1.0, ticks_top), fontsize=8)
+    else:
+        axes[0].legend(loc="upper right", fontsize=8)
     if zoom:
         meds = [curve_bands(c)[1] for c in groups.values()]
         top = np.nanmax([np.nanmax(m) for m in meds])
