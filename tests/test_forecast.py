@@ -19,7 +19,7 @@ from sleepbot.forecast import (
 from sleepbot.forecast.synthetic import synthetic_trajectory, write_synthetic_runs
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """One intra-op thread: these tiny models gain nothing from two, and the suite shares 2 cores with other
     processes, where two spinning OpenMP threads per process slow everything down many times over."""

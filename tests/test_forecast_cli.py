@@ -15,7 +15,7 @@ from sleepbot.forecast.synthetic import write_synthetic_runs
 TRAIN = ["--max-steps", "30", "--groups-per-epoch", "10", "--max-weights", "1024", "--horizons", "2,5"]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """One intra-op thread: these tiny models gain nothing from two, and the suite shares 2 cores with other
     processes, where two spinning OpenMP threads per process slow everything down many times over."""
@@ -159,13 +159,28 @@ def test_training_under_ddp(store, tmp_path):
     """Trainer options pass through: two CPU processes (gloo) share the windows and the validation sums."""
     out = tmp_path / "ddp.pt"
     rc = main(
-        ["train-forecaster", "--data", str(store), "--out", str(out), *TRAIN, "--baselines", "", "--threads", "1"]
+        [
+            "train-forecaster",
+            "--data",
+            str(store),
+            "--out",
+            str(out),
+            *TRAIN,
+            "--baselines",
+            "",
+            "--threads",
+            "1",
+        ]
         + ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
     )
     assert rc == 0
     blob = read_checkpoint(out)
     assert blob["meta"]["trainer"]["devices"] == 2 and blob["baselines"] == {}
     scores = blob["meta"]["val_scores"]["lstm"]
-    assert set(scores) == {"val_loss", "val_r2_h2", "val_r2_h5"}  # validation ran and came back from the ranks
+    assert set(scores) == {
+        "val_loss",
+        "val_r2_h2",
+        "val_r2_h5",
+    }  # validation ran and came back from the ranks
     assert all(v == v for v in scores.values())
     assert torch.isfinite(load_forecaster(out).predict(torch.randn(5, 3, 4), 5)).all()

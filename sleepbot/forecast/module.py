@@ -24,8 +24,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from sleepbot.errors import SleepbotError
-from sleepbot.forecast.base import Forecaster, build_forecaster, neuron_scale
+from sleepbot.errors import SleepbotError, unknown_name
+from sleepbot.forecast.base import FORECASTERS, Forecaster, build_forecaster, neuron_scale
 from sleepbot.forecast.windows import (
     RunInfo,
     WindowDataset,
@@ -313,6 +313,14 @@ def train_forecaster(
         overwrite: replace an existing checkpoint.
     """
     cfg = cfg or ForecasterTrainConfig()
+    learned = [n for n in FORECASTERS if FORECASTERS[n].learned]
+    for name in (cfg.model, *cfg.baselines):
+        if name not in FORECASTERS:
+            raise unknown_name("forecaster", name, FORECASTERS)
+        if not FORECASTERS[name].learned:
+            raise SleepbotError(
+                f"the {name} forecaster has nothing to train; trainable: {', '.join(learned)}"
+            )
     if out is not None and Path(out).exists() and not overwrite:
         raise SleepbotError(f"{str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
     paths = resolve_paths(data)
@@ -355,7 +363,7 @@ def train_forecaster(
             model,
             out,
             overwrite=overwrite,
-            baselines={k: v for k, v in models.items() if v.learned},
+            baselines=models,
             split=split,
             data=[str(p) for p in paths],
             snapshot_every=every,
