@@ -1,192 +1,25 @@
-"""`sleepbot report DIR`: one self-contained HTML page (figures embedded as base64, opens from disk with no
-server) and a Markdown summary with the headline table, from a comparison's output directory or a directory of
-recorded runs.
-
-The page's sections, in order (each an element id, so tests and links can find them): `summary` (the headline
-table), `setup` (workloads, the tuned learning rate and its grid, the target, seeds), `curves` (learning curves
-per arm), `steps` (steps to target per seed), `dynamics` (asymptotes, saturation steps, layers settling),
-`norms` (per-neuron weight norms), `response` (all-ones response grid and animation), `forecast` (forecast
-against actual), `reproduce` (commands, config, failed runs).
-"""
+"""The sections of a report, from a comparison's results or from a plain directory of runs."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sleepbot._version import __version__
 from sleepbot.errors import SleepbotError
-
-SECTIONS = ("summary", "setup", "curves", "steps", "dynamics", "norms", "response", "forecast", "reproduce")
-SECTION_TITLES = {
-    "summary": "Headline",
-    "setup": "Setup",
-    "curves": "Learning curves",
-    "steps": "Steps to target",
-    "dynamics": "Training dynamics",
-    "norms": "Neuron weight norms",
-    "response": "All-ones response",
-    "forecast": "Forecast against actual",
-    "reproduce": "Reproduce",
-}
-
-
-@dataclass
-class _Section:
-    key: str
-    html: list[str] = field(default_factory=list)
-    md: list[str] = field(default_factory=list)
-
-    def text(self, s: str) -> None:
-        self.html.append(f"<p>{html.escape(s)}</p>")
-        self.md.append(s + "\n")
-
-    def note(self, s: str) -> None:
-        self.html.append(f'<p class="note">{html.escape(s)}</p>')
-        self.md.append(f"_{s}_\n")
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def _ci(d: dict[str, Any] | None, digits: int) -> str:
-    if not d or d.get("median") is None:
-        return "-"
-    return f"{_fmt(d['median'], digits)} [{_fmt(d['lo'], digits)}, {_fmt(d['hi'], digits)}]"
-
-
-def headline_table(workload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The headline table of one workload: (header, rows of strings)."""
-    header = [
-        "arm",
-        "n",
-        "steps to target, median [95% CI]",
-        "misses",
-        "speedup vs none [95% CI]",
-        "Wilcoxon p",
-        "final test acc",
-        "best test acc",
-        "AUC val acc",
-        "wall s",
-        "saving / oracle's",
-    ]
-    rows = []
-    for name, a in workload["arms"].items():
-        if not a.get("n"):
-            rows.append([name, "0"] + ["-"] * (len(header) - 2))
-            continue
-        sp = a.get("speedup")
-        fo = a.get("fraction_of_oracle")
-        rows.append(
-            [
-                name,
-                str(a["n"]),
-                _ci(a["steps"], 0),
-                str(a["misses"]),
-                f"{_fmt(sp['ratio'], 2)}x [{_fmt(sp['lo'], 2)}, {_fmt(sp['hi'], 2)}]" if sp else "(baseline)",
-                _fmt(sp["p_value"], 3) if sp else "-",
-                _fmt(a["final_test_acc"]["median"], 4),
-                _fmt(a["best_test_acc"]["median"], 4),
-                _fmt(a["auc"]["median"], 3),
-                _fmt(a["wall_seconds"]["median"], 1),
-                f"{_fmt(fo['value'], 2)} [{_fmt(fo['lo'], 2)}, {_fmt(fo['hi'], 2)}]" if fo else "-",
-            ]
-        )
-    return header, rows
-
-
-def _table(sec: _Section, header: list[str], rows: list[list[str]]) -> None:
-    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    sec.html.append(f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>")
-    sec.md.append("| " + " | ".join(header) + " |")
-    sec.md.append("|" + "|".join("---" for _ in header) + "|")
-    sec.md.extend("| " + " | ".join(r) + " |" for r in rows)
-    sec.md.append("")
-
-
-class _Figures:
-    """Renders figures once into PNG (or GIF) bytes, embeds them in the page and writes them for the Markdown."""
-
-    def __init__(self, fig_dir: Path) -> None:
-        self.dir = fig_dir
-        self.failures: list[str] = []
-
-    def add(self, sec: _Section, name: str, make: Callable[[], Any], caption: str) -> bool:
-        """Draw `make()` (a Figure, or a path to an image it wrote) into the section; a failure becomes a note."""
-        try:
-            obj = make()
-        except SleepbotError as e:
-            sec.note(f"{caption}: not drawn ({e})")
-            self.failures.append(f"{name}: {e}")
-            return False
-        if isinstance(obj, (str, Path)):
-            data = Path(obj).read_bytes()
-            fname = Path(obj).name
-            mime = "image/gif" if fname.endswith(".gif") else "image/png"
-        else:
-            buf = io.BytesIO()
-            obj.savefig(buf, format="png", dpi=100)
-            data = buf.getvalue()
-            fname = f"{name}.png"
-            mime = "image/png"
-            (self.dir / fname).write_bytes(data)
-        b64 = base64.b64encode(data).decode("ascii")
-        sec.html.append(
-            f'<figure><img alt="{html.escape(caption)}" src="data:{mime};base64,{b64}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
-        sec.md.append(f"![{caption}]({self.dir.name}/{fname})\n")
-        return True
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
-color:#222;line-height:1.45}
-h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0} th,td{border:1px solid #ccc;padding:.25em .5em;
-text-align:right} th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
-figure{margin:1em 0} img{max-width:100%;border:1px solid #eee} figcaption{font-size:.85em;color:#555}
-.note{color:#7a5c00;background:#fff8e0;padding:.3em .6em;border-left:3px solid #e0b000}
-nav a{margin-right:1em} pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em}
-"""
-
-
-def _page(title: str, sections: list[_Section], subtitle: str) -> str:
-    nav = " ".join(f'<a href="#{s.key}">{SECTION_TITLES[s.key]}</a>' for s in sections)
-    body = "\n".join(
-        f'<section id="{s.key}"><h2>{SECTION_TITLES[s.key]}</h2>\n' + "\n".join(s.html) + "\n</section>"
-        for s in sections
-    )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        f'<h1>{html.escape(title)}</h1><p class="sub">{html.escape(subtitle)}</p><nav>{nav}</nav>\n{body}\n'
-        "</body></html>\n"
-    )
+from sleepbot.report.page import SECTIONS, Figures, Section, add_table, fmt, headline_table
 
 
 # ------------------------------------------------------------------------------------------- sections
-def _summary(sec: _Section, results: dict[str, Any]) -> None:
+def _summary(sec: Section, results: dict[str, Any]) -> None:
     for wname, w in results["workloads"].items():
         t = w.get("tuning") or {}
         grid = t.get("grid")
-        lr = f"lr {_fmt(t.get('lr'), 4)}" + (" (tuned)" if grid else " (not tuned)")
+        lr = f"lr {fmt(t.get('lr'), 4)}" + (" (tuned)" if grid else " (not tuned)")
         sec.html.append(f"<h3>{html.escape(wname)}</h3>")
         sec.md.append(f"### {wname}\n")
         sec.text(
@@ -195,7 +28,7 @@ def _summary(sec: _Section, results: dict[str, Any]) -> None:
             "Speedup = median steps of none / median steps of the arm (> 1 is faster)."
         )
         header, rows = headline_table(w)
-        _table(sec, header, rows)
+        add_table(sec, header, rows)
         base = w["arms"].get(w["baseline"], {})
         for name, a in w["arms"].items():
             sp = a.get("speedup")
@@ -208,18 +41,18 @@ def _summary(sec: _Section, results: dict[str, Any]) -> None:
                 else ("slower than" if sp["hi"] is not None and sp["hi"] < 1 else "no clear difference from")
             )
             sec.md.append(
-                f"- **{name}**: {verdict} none ({_fmt(sp['ratio'], 2)}x, 95% CI {_fmt(sp['lo'], 2)}-"
-                f"{_fmt(sp['hi'], 2)}, p={_fmt(sp['p_value'], 3)}); final test accuracy {drop:+.4f} vs none."
+                f"- **{name}**: {verdict} none ({fmt(sp['ratio'], 2)}x, 95% CI {fmt(sp['lo'], 2)}-"
+                f"{fmt(sp['hi'], 2)}, p={fmt(sp['p_value'], 3)}); final test accuracy {drop:+.4f} vs none."
             )
             sec.html.append(
-                f"<p><b>{html.escape(name)}</b>: {verdict} none ({_fmt(sp['ratio'], 2)}x, 95% CI "
-                f"{_fmt(sp['lo'], 2)}-{_fmt(sp['hi'], 2)}, p={_fmt(sp['p_value'], 3)}); final test accuracy "
+                f"<p><b>{html.escape(name)}</b>: {verdict} none ({fmt(sp['ratio'], 2)}x, 95% CI "
+                f"{fmt(sp['lo'], 2)}-{fmt(sp['hi'], 2)}, p={fmt(sp['p_value'], 3)}); final test accuracy "
                 f"{drop:+.4f} vs none.</p>"
             )
         sec.md.append("")
 
 
-def _setup(sec: _Section, results: dict[str, Any]) -> None:
+def _setup(sec: Section, results: dict[str, Any]) -> None:
     cfg = results["config"]
     sec.text(
         f"Seeds: {', '.join(map(str, cfg['seeds']))} (the same in every arm). "
@@ -243,30 +76,30 @@ def _setup(sec: _Section, results: dict[str, Any]) -> None:
             )
             rows = [
                 [
-                    _fmt(r["lr"], 4) + (" (chosen)" if r["lr"] == t["lr"] else ""),
+                    fmt(r["lr"], 4) + (" (chosen)" if r["lr"] == t["lr"] else ""),
                     str(r["n"]),
-                    _fmt(r["median_final_val_acc"], 4),
-                    _fmt(r.get("median_steps_to_best"), 0),
+                    fmt(r["median_final_val_acc"], 4),
+                    fmt(r.get("median_steps_to_best"), 0),
                 ]
                 for r in t["table"]
             ]
-            _table(sec, ["lr", "runs", "median final val acc", "median steps to the best accuracy"], rows)
+            add_table(sec, ["lr", "runs", "median final val acc", "median steps to the best accuracy"], rows)
             if len(t["grid"]) > 1 and t["lr"] in (min(t["grid"]), max(t["grid"])):
                 sec.note(
-                    f"The chosen lr {_fmt(t['lr'], 4)} is at the edge of the grid: the best lr may lie beyond it, "
+                    f"The chosen lr {fmt(t['lr'], 4)} is at the edge of the grid: the best lr may lie beyond it, "
                     "and the baseline may be under-tuned. Extend the grid to be sure."
                 )
         else:
-            sec.note(f"The learning rate ({_fmt(t.get('lr'), 4)}) was NOT tuned: speedups may be lr effects.")
+            sec.note(f"The learning rate ({fmt(t.get('lr'), 4)}) was NOT tuned: speedups may be lr effects.")
     rows = []
     for a in cfg["arms"]:
         s = dict(a["sleep"])
         strategy = s.pop("strategy")
         rows.append([a["name"], strategy, ", ".join(f"{k}={v}" for k, v in sorted(s.items())) or "defaults"])
-    _table(sec, ["arm", "strategy", "sleep settings"], rows)
+    add_table(sec, ["arm", "strategy", "sleep settings"], rows)
 
 
-def _dynamics(sec: _Section, out: Path, results: dict[str, Any], workload: str) -> None:
+def _dynamics(sec: Section, out: Path, results: dict[str, Any], workload: str) -> None:
     from sleepbot.analysis import fit_asymptote, layer_dynamics
     from sleepbot.compare import load_runs
 
@@ -290,10 +123,10 @@ def _dynamics(sec: _Section, out: Path, results: dict[str, Any], workload: str) 
                 [
                     arm,
                     str(len(fits)),
-                    _fmt(float(np.median([f.value for f in fits])), 4),
-                    _fmt(float(np.median(sat)), 0),
+                    fmt(float(np.median([f.value for f in fits])), 4),
+                    fmt(float(np.median(sat)), 0),
                     f"{sum(f.saturated for f in fits)}/{len(fits)}",
-                    _fmt(float(np.median([f.r2 for f in fits])), 3),
+                    fmt(float(np.median([f.r2 for f in fits])), 3),
                 ]
             )
         settled: dict[str, list[float]] = {}
@@ -316,12 +149,12 @@ def _dynamics(sec: _Section, out: Path, results: dict[str, Any], workload: str) 
             cells = []
             for name in layer_names:
                 v = float(np.median(settled.get(name, [np.inf])))
-                cells.append("-" if not math.isfinite(v) else _fmt(v, 0))
+                cells.append("-" if not math.isfinite(v) else fmt(v, 0))
             layer_rows.append([arm, *cells])
     if rows:
-        _table(sec, ["arm", "runs", "asymptote (median)", "saturation step", "saturated", "fit R^2"], rows)
+        add_table(sec, ["arm", "runs", "asymptote (median)", "saturation step", "saturated", "fit R^2"], rows)
     if layer_rows:
-        _table(sec, ["arm", *[f"{n} settled at" for n in layer_names]], layer_rows)
+        add_table(sec, ["arm", *[f"{n} settled at" for n in layer_names]], layer_rows)
 
 
 def _run_files(out: Path, results: dict[str, Any], workload: str) -> dict[str, str]:
@@ -336,7 +169,7 @@ def _run_files(out: Path, results: dict[str, Any], workload: str) -> dict[str, s
     return paths
 
 
-def _forecast(sec: _Section, figs: _Figures, forecaster: str | None, run_path: str | None) -> None:
+def _forecast(sec: Section, figs: Figures, forecaster: str | None, run_path: str | None) -> None:
     if run_path is None:
         sec.note("No recorded run to forecast.")
         return
@@ -356,73 +189,14 @@ def _forecast(sec: _Section, figs: _Figures, forecaster: str | None, run_path: s
     )
 
 
-# ------------------------------------------------------------------------------------------- writers
-def write_report(
-    source: str | Path,
-    out: str | Path | None = None,
-    *,
-    forecaster: str | None = None,
-    title: str | None = None,
-    overwrite: bool = False,
-    animation: bool = True,
-    command: str | None = None,
-) -> tuple[Path, Path]:
-    """Write `report.html` (self-contained) and `report.md` (+ `figures/`) for a comparison or a directory of runs.
-
-    Args:
-        source: a comparison's output directory (`sleepbot compare --out`), or a directory of run files.
-        out: where to write (default: `source`).
-        forecaster: the forecaster checkpoint for the forecast section (default: the learned arm's, if any).
-        title: the page title.
-        overwrite: replace an existing report.html / report.md.
-        animation: embed the all-ones response animation (a GIF; MP4 written beside it when ffmpeg exists).
-        command: the command that reproduces the comparison, for the `reproduce` section.
-
-    Returns:
-        (path of report.html, path of report.md).
-    """
-    src = Path(source)
-    if not src.is_dir():
-        raise SleepbotError(
-            f"report source {str(src)!r} is not a directory (a compare --out dir or a dir of runs)"
-        )
-    dest = Path(out) if out is not None else src
-    html_path, md_path = dest / "report.html", dest / "report.md"
-    for p in (html_path, md_path):
-        if p.exists() and not overwrite:
-            raise SleepbotError(f"{str(p)!r} exists; pass --overwrite to replace it")
-    fig_dir = dest / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    figs = _Figures(fig_dir)
-    t0 = time.time()
-    if (src / "results.json").is_file():
-        sections, page_title = _compare_sections(src, figs, forecaster, animation, command)
-    else:
-        sections, page_title = _runs_sections(src, figs, animation)
-    page_title = title or page_title
-    subtitle = f"sleepbot {__version__}, written {time.strftime('%Y-%m-%d %H:%M')} from {src.resolve()}"
-    tmp = html_path.with_suffix(".html.tmp")
-    tmp.write_text(_page(page_title, sections, subtitle))
-    tmp.replace(html_path)
-    md = [f"# {page_title}\n", f"_{subtitle}; figures in `{fig_dir.name}/`, full page in `report.html`._\n"]
-    for s in sections:
-        md.append(f"## {SECTION_TITLES[s.key]}\n")
-        md.extend(s.md)
-    md_path.write_text("\n".join(md) + "\n")
-    _ = time.time() - t0
-    return html_path, md_path
-
-
-def _compare_sections(
-    src: Path, figs: _Figures, forecaster: str | None, animation: bool, command: str | None
-):
+def compare_sections(src: Path, figs: Figures, forecaster: str | None, animation: bool, command: str | None):
     from sleepbot.compare import load_results
     from sleepbot.viz.curves import plot_learning_curves, plot_steps_to_target
     from sleepbot.viz.norms import plot_norms
     from sleepbot.viz.response import animate_response, compute_responses, has_ffmpeg, plot_response_grid
 
     results = load_results(src)
-    secs = {k: _Section(k) for k in SECTIONS}
+    secs = {k: Section(k) for k in SECTIONS}
     _summary(secs["summary"], results)
     _setup(secs["setup"], results)
     for wname in results["workloads"]:
@@ -502,7 +276,7 @@ def _compare_sections(
     return [secs[k] for k in SECTIONS], f"sleepbot comparison: {', '.join(results['workloads'])}"
 
 
-def _reproduce(sec: _Section, src: Path, results: dict[str, Any], command: str | None) -> None:
+def _reproduce(sec: Section, src: Path, results: dict[str, Any], command: str | None) -> None:
     sec.text(
         f"Every run's result is in {src}/runs/ (one JSON and one HDF5 recording per run); the statistics are in "
         f"results.json and results.csv; the resolved comparison is compare_config.json. Rerunning the same "
@@ -518,7 +292,7 @@ def _reproduce(sec: _Section, src: Path, results: dict[str, Any], command: str |
     if errors:
         sec.note(f"{len(errors)} run(s) failed and are left out of the statistics:")
         rows = [[k, v] for k, v in sorted(errors.items())]
-        _table(sec, ["run", "error"], rows)
+        add_table(sec, ["run", "error"], rows)
     cfg = json.dumps(results["config"], indent=1)
     sec.html.append(
         f"<details><summary>resolved compare config</summary><pre>{html.escape(cfg)}</pre></details>"
@@ -526,7 +300,7 @@ def _reproduce(sec: _Section, src: Path, results: dict[str, Any], command: str |
     sec.md.append(f"<details><summary>resolved compare config</summary>\n\n```json\n{cfg}\n```\n</details>\n")
 
 
-def _runs_sections(src: Path, figs: _Figures, animation: bool):
+def runs_sections(src: Path, figs: Figures, animation: bool):
     """A report on a plain directory of run files (a `collect` output): no arms, no statistics."""
     from sleepbot.store import RunFile, StoreError
     from sleepbot.viz._io import run_paths
@@ -535,7 +309,7 @@ def _runs_sections(src: Path, figs: _Figures, animation: bool):
     from sleepbot.viz.response import animate_response, compute_responses, plot_response_grid
 
     paths = run_paths(src)
-    secs = {k: _Section(k) for k in SECTIONS}
+    secs = {k: Section(k) for k in SECTIONS}
     rows = []
     first = None
     for p in paths:
@@ -548,12 +322,12 @@ def _runs_sections(src: Path, figs: _Figures, animation: bool):
             rows.append([p.name, "unreadable", str(e)] + ["-"] * 5)
             continue
         rows.append(
-            [s["file"], s["status"], s["dataset"], s["arch"], s["optimizer"], _fmt(s["lr"], 4), str(s["seed"]),
-             _fmt(s["val_acc"], 4)]
+            [s["file"], s["status"], s["dataset"], s["arch"], s["optimizer"], fmt(s["lr"], 4), str(s["seed"]),
+             fmt(s["val_acc"], 4)]
         )  # fmt: skip
     first = first or paths[0]
     secs["summary"].text(f"{len(paths)} recorded run(s) in {src}; no comparison (no results.json).")
-    _table(
+    add_table(
         secs["summary"],
         ["file", "status", "dataset", "arch", "optimizer", "lr", "seed", "final val acc"],
         rows,
