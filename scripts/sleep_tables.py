@@ -98,11 +98,21 @@ def run_config(workload: str, lr: float, seed: int, arm: str, quick: bool = Fals
 CODE_VERSION = 2
 
 
+def _forecaster_digest(path: str | None) -> str:
+    """The forecaster file's content hash, so a retrained forecaster (same path) is not served from the cache."""
+    from sleepbot.forecast import DEFAULT_PATH
+
+    p = Path(path) if path else DEFAULT_PATH
+    return hashlib.sha1(p.read_bytes()).hexdigest()[:12] if p.is_file() else "missing"
+
+
 def _key(config: dict[str, Any]) -> str:
     c = dict(config)
     c.pop("name", None)
     if c["sleep"]["strategy"] != "none":
         c["code_version"] = CODE_VERSION
+    if c["sleep"]["strategy"] == "learned" or c["sleep"]["options"].get("base") == "learned":
+        c["forecaster_digest"] = _forecaster_digest(c["sleep"]["forecaster"])
     return hashlib.sha1(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
 
 
