@@ -144,6 +144,10 @@ def case_learned(hist, kind, name, tmp_path):
     _check_close(s.propose(hist[-4:], 2, _ctx(name, kind, steps)), want)
     with pytest.raises(SleepbotError, match="steps apart"):
         s.propose(hist[-4:], 2, _ctx(name, kind, [6, 9, 12, 14]))
+    # gain scales the displacement: twice the line's displacement from the last snapshot
+    s = make_strategy("learned", forecaster=str(path), gain=2.0)
+    last = hist[-1].double().numpy()
+    _check_close(s.propose(hist[-4:], 2, _ctx(name, kind, steps)), last + 2 * (want - last))
 
 
 def case_oracle(hist, kind, name, tmp_path):

@@ -166,16 +166,21 @@ class Learned(SleepStrategy):
 
     Args:
         forecaster: path to a forecaster checkpoint; None loads the default one shipped with sleepbot.
+        gain: multiplies the forecast displacement (1: the forecast as is). A forecaster trained to minimise
+            squared error shrinks its displacements toward zero where it is unsure; gain > 1 undoes some of that.
     """
 
-    def __init__(self, forecaster: str | None = None) -> None:
+    def __init__(self, forecaster: str | None = None, gain: float = 1.0) -> None:
         from sleepbot.forecast import load_forecaster
 
+        if not gain > 0:
+            raise SleepbotError(f"learned gain must be > 0, got {gain}")
         self.forecaster = None if forecaster is None else str(forecaster)
+        self.gain = float(gain)
         self.model = load_forecaster(forecaster)
 
     def options(self) -> dict[str, Any]:
-        return {"forecaster": self.forecaster}
+        return {"forecaster": self.forecaster, "gain": self.gain}
 
     def _max_horizon(self) -> int | None:
         return max(int(h) for h in self.model.horizons) if getattr(self.model, "learned", False) else None
@@ -216,8 +221,13 @@ class Learned(SleepStrategy):
                 f"the learned strategy needs snapshots exactly {ctx.snapshot_every} steps apart; a custom "
                 f"schedule slept at step {ctx.step}, between snapshot steps (history steps {ctx.steps.tolist()})"
             )
-        out = self.model.predict(history.cpu(), int(horizon), kind=ctx.kind, progress=ctx.progress)
-        return torch.as_tensor(out).to(dtype=history.dtype, device=history.device)
+        out = torch.as_tensor(
+            self.model.predict(history.cpu(), int(horizon), kind=ctx.kind, progress=ctx.progress)
+        )
+        out = out.to(dtype=history.dtype, device=history.device)
+        if self.gain != 1.0:
+            out = history[-1] + self.gain * (out - history[-1])
+        return out
 
 
 @register_strategy("oracle")
