@@ -24,6 +24,9 @@ _EXPORTS = {
     "TrajectoryStore": "sleepbot.store",
     "Sleep": "sleepbot.sleep",
     "SleepStrategy": "sleepbot.sleep",
+    "Forecaster": "sleepbot.forecast",
+    "load_forecaster": "sleepbot.forecast",
+    "SaturationStopping": "sleepbot.stopping",
 }
 
 __all__ = ["__version__", *_EXPORTS]
