@@ -259,6 +259,7 @@ def test_learned_refuses_settings_its_forecaster_was_not_trained_for(tmp_path):
         Sleep("learned", forecaster=str(path), snapshot_every=10)
     mlp = tmp_path / "mlp.pt"
     save_forecaster(MLPForecaster(context=4, horizons=(1, 2), snapshot_every=3), mlp)
+    assert Sleep("learned", forecaster=str(mlp)).horizon == 2  # default: the largest trained horizon
     with pytest.raises(SleepbotError, match="up to 2 snapshots ahead"):
         Sleep("learned", forecaster=str(mlp), horizon=3)
 
