@@ -23,7 +23,9 @@ from sleepbot.models import Classifier
 
 # Two messages Lightning prints on every run that say nothing about the run: an advertisement, and a deprecation
 # inside Lightning's own pytree helper.
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda r: "litlogger" not in r.getMessage()
+)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 # Wall-clock origin for start-up measurements: the time this module was first imported is close enough to the
