@@ -83,6 +83,9 @@ def compare_values(plan: dict[str, Any], forecaster: str) -> dict[str, Any]:
     """The compare config (as YAML would give it) of a demo plan, with the learned arm reading `forecaster`."""
     c = plan["compare"]
     s = c["sleep"]
+    # learned jumps as far as its forecaster was trained to (its default); the oracle control jumps as far, so
+    # "saving / oracle's" compares a forecast with the truth at the same jump.
+    far = max(plan["forecaster"]["horizons"])
     arms: list[Any] = [
         "none",
         {"name": "noise", "strategy": "noise", "every_n_steps": s["every_n_steps"]},
@@ -93,10 +96,13 @@ def compare_values(plan: dict[str, Any], forecaster: str) -> dict[str, Any]:
             "strategy": "learned",
             "forecaster": forecaster,
             "every_n_steps": s["every_n_steps"],
+            "horizon": far,
         },
     ]
     if c["oracle"]:
-        arms.append({"name": "oracle", "strategy": "oracle", **s, "snapshot_every": c["record_every"]})
+        arms.append(
+            {"name": "oracle", "strategy": "oracle", **s, "horizon": far, "snapshot_every": c["record_every"]}
+        )
     return {
         "seeds": c["seeds"],
         "seed_start": c["seed_start"],
