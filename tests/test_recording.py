@@ -392,12 +392,22 @@ def test_bench_script_runs_at_toy_size(tmp_path):
             "1",
             "--arms",
             "default",
+            "--archs",
+            "small_cnn",
+            "tiny_cnn3",
+            "--memory-steps",
+            "2",
             "--out",
             str(tmp_path / "b.json"),
         ]
     )
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["arms"].keys() == {"none", "default"} and out["steps"] == 25
+    assert saved["by_arch"].keys() == {"small_cnn", "tiny_cnn3"}
+    assert saved["by_arch"]["tiny_cnn3"]["default"]["in_recorder_ms_per_step"] > 0
+    memory = saved["memory"]  # a ~10M-weight model: the byte budget holds one 40 MB snapshot, not 64
+    assert memory["weights"] > 9e6 and memory["snapshots_buffered"] == 1
+    assert 0 < memory["tracemalloc_peak_MB"] < 200 and memory["maxrss_growth_MB"] < 1000
     default = saved["arms"]["default"]
     assert default["bytes_per_1000_steps"] > 0 and default["in_recorder_ms_per_step"] > 0
     assert set(saved["write"]["filters"]) == {"none", "lzf", "gzip"}

@@ -13,7 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from sleepbot.errors import SleepbotError
-from sleepbot.recording.core import RecorderCore, _as_float, _check_options
+from sleepbot.recording.core import BUFFER_BYTES, RecorderCore, _as_float, _check_options
 from sleepbot.store import _event_row, stamp_status
 
 # Metric names the callback looks for in trainer.callback_metrics, in order, when no key is given.
@@ -40,10 +40,15 @@ class TrajectoryRecorder(pl.Callback):
 
     A Sleep callback finds the recorder in `trainer.callbacks` and reports each jump with `log_event`.
 
+    Resume. The recorder's `state_dict` (saved in every Lightning checkpoint) flushes the file and says what it
+    holds. `trainer.fit(..., ckpt_path=...)` with a recorder on the same path appends to that file: rows a crashed
+    run wrote after the checkpoint are cut off, so every step and snapshot appears once, in order. A file that is
+    missing, or that belongs to another run (its `run_id`), is a one-line error.
+
     Args:
         path: the .h5 file to create.
         every_n_steps, max_neurons_per_layer, layers, gradients, optimizer_state, overwrite, seed, flush_every,
-            flush_seconds, compression: as in RecorderCore.
+            flush_seconds, compression, buffer_bytes: as in RecorderCore.
         attrs: root attributes; when `config` is missing, the module's hyperparameters are stored as the config.
         val_loss_key, val_acc_key: metric names to read (None: try the usual names).
     """
@@ -63,10 +68,11 @@ class TrajectoryRecorder(pl.Callback):
         flush_every: int = 64,
         flush_seconds: float = 10.0,
         compression: str | None = None,
+        buffer_bytes: int | None = BUFFER_BYTES,
         val_loss_key: str | None = None,
         val_acc_key: str | None = None,
     ) -> None:
-        _check_options(every_n_steps, max_neurons_per_layer, flush_every)
+        _check_options(every_n_steps, max_neurons_per_layer, flush_every, buffer_bytes)
         self.path = Path(path)
         self.options = dict(
             every_n_steps=every_n_steps,
@@ -79,6 +85,7 @@ class TrajectoryRecorder(pl.Callback):
             flush_every=flush_every,
             flush_seconds=flush_seconds,
             compression=compression,
+            buffer_bytes=buffer_bytes,
         )
         self.attrs = dict(attrs or {})
         self.val_loss_key = val_loss_key
@@ -87,6 +94,22 @@ class TrajectoryRecorder(pl.Callback):
         self.writes = True  # False on ranks other than global 0
         self.written = False  # the file was created by this recorder (so a closed file may be amended)
         self._lr: float | None = None
+        self._resume: dict[str, Any] | None = None  # a checkpoint's state, used by the next on_train_start
+
+    # ------------------------------------------------------------------------------------------ resume state
+    @property
+    def state_key(self) -> str:
+        # One state per file name: two recorders can coexist, and a run directory moved elsewhere still resumes.
+        return self._generate_state_key(file=self.path.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to append to this file (flushes it first); empty on ranks that do not write."""
+        if self.core is None:
+            return {}
+        return self.core.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict) if state_dict else None
 
     # ------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -108,6 +131,19 @@ class TrajectoryRecorder(pl.Callback):
         if optimizer is not None and "lr" not in attrs:
             attrs["lr"] = _as_float(optimizer.param_groups[0]["lr"])
         opts = dict(self.options)
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            if int(resume.get("last_step", -1)) != trainer.global_step:
+                raise SleepbotError(
+                    f"cannot resume recording into {str(self.path)!r}: the checkpoint is at step "
+                    f"{trainer.global_step}, the recorder's state at step {resume.get('last_step')!r}"
+                )
+            self.core = RecorderCore(
+                self.path, pl_module, optimizer=optimizer, attrs=attrs, resume=resume, **opts
+            )
+            self.written = True
+            self._lr = None
+            return  # the checkpoint's step is in the file already
         if self.written:
             opts["overwrite"] = True  # a second fit with the same recorder replaces the file it wrote
         self.core = RecorderCore(self.path, pl_module, optimizer=optimizer, attrs=attrs, **opts)

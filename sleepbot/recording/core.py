@@ -10,9 +10,19 @@ What is recorded (the file layout is in trajectories/README.md):
 Steps count optimizer updates: the weights "at step k" are those after k updates; the train loss and lr at step k
 are those of update k (the loss is NaN at step 0, where no update has happened yet).
 
-Cost. Norms are computed straight into a preallocated block buffer ([rows, N] per layer, `out=`), and snapshots are
-copied straight into the writer's block buffer, so a step costs a few small tensor ops and no allocation; the HDF5
-write happens once per block (`flush_every` snapshots) or every `flush_seconds`, whichever comes first.
+Cost. For a small network (at most STAGE_BYTES / 8 of parameters, e.g. small_cnn) a step is ONE tensor op: every
+weight, bias and the loss are concatenated (`torch.cat(..., out=)`) into a row of a staging block, and the norms of a
+whole block of steps are computed at once when it is full (a few ops per layer per block, not per step). Each
+torch op costs microseconds of dispatch whatever its size, which is what a ~1 ms step notices. For a larger
+network the norms are computed straight into the preallocated block buffer ([rows, N] per layer, `out=`), two ops
+per layer, since copying its weights every step would cost more than reading them. Snapshots are copied straight
+into the writer's block buffer. Nothing synchronises with an accelerator per step. The HDF5 write happens when the
+snapshot block is full (`flush_every` snapshots, fewer when they would pass `buffer_bytes`) or every
+`flush_seconds`, whichever comes first.
+
+Resume. `state_dict()` flushes and returns what the file holds (rows per dataset, last step, the file's run id);
+`RecorderCore(..., resume=state)` reopens that file, cuts off whatever a crashed run wrote after that point, and
+appends (trajectories/README.md, "Resuming").
 """
 
 from __future__ import annotations
@@ -46,6 +56,11 @@ _OPTIM_KEYS: dict[str, tuple[str, ...]] = {
 
 
 MAX_STEP_ROWS = 4096  # per-step rows buffered at most (norms, loss, lr) before they go to HDF5
+BUFFER_BYTES = 64 * 2**20  # default memory budget of the in-memory blocks (snapshots and per-step rows)
+STAGE_BYTES = (
+    2 * 2**20
+)  # the staging block of a small network (see "Cost" above); 8 rows at least, 64 at most
+STAGE_ROWS = 64
 
 
 def optimizer_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
@@ -123,9 +138,14 @@ class RecorderCore:
         seed: seeds the neuron sample.
         attrs: root attributes for the file (config, dataset, arch, ...).
         overwrite: replace an existing file.
-        flush_every: snapshots buffered in memory between writes to disk (64, measured: see README).
+        flush_every: snapshots buffered in memory between writes to disk, at most (64, measured: see README).
+        buffer_bytes: memory budget of the buffered blocks (64 MiB): a quarter at most for the per-step rows, the
+            rest for snapshots, so that a large network flushes after fewer snapshots (one at least, whatever its
+            size). None: no budget (only `flush_every`).
         flush_seconds: also flush when this long has passed since the last flush, so a slow run loses little.
         compression: HDF5 filter (None, "lzf", "gzip"); None by measurement, see README.
+        resume: a `state_dict()` taken from a recorder of this run: append to its file (which must be there and be
+            that run's) from the state's last step, instead of creating a new file.
     """
 
     def __init__(
@@ -145,8 +165,10 @@ class RecorderCore:
         flush_every: int = 64,
         flush_seconds: float = 10.0,
         compression: str | None = None,
+        buffer_bytes: int | None = BUFFER_BYTES,
+        resume: Mapping[str, Any] | None = None,
     ) -> None:
-        _check_options(every_n_steps, max_neurons_per_layer, flush_every)
+        _check_options(every_n_steps, max_neurons_per_layer, flush_every, buffer_bytes)
         self.path = Path(path)
         self.model = model
         self.every_n_steps = int(every_n_steps)
@@ -184,18 +206,22 @@ class RecorderCore:
             "model_class": type(model).__name__,
             **(attrs or {}),
         }
-        # Per-step rows per block: one block per snapshot buffer, capped for long snapshot intervals.
-        self._rows = min(flush_every * self.every_n_steps, MAX_STEP_ROWS)
-        self.writer = RunWriter(
-            self.path,
-            self.specs,
-            attrs=file_attrs,
-            snapshot_arrays=arrays,
-            overwrite=overwrite,
-            buffer_snapshots=flush_every,
-            buffer_steps=self._rows,
-            compression=compression,
+        self._rows, n_snapshots = _block_sizes(
+            self.specs, len(arrays), self.every_n_steps, flush_every, buffer_bytes
         )
+        if resume is None:
+            self.writer = RunWriter(
+                self.path,
+                self.specs,
+                attrs=file_attrs,
+                snapshot_arrays=arrays,
+                overwrite=overwrite,
+                buffer_snapshots=n_snapshots,
+                buffer_steps=self._rows,
+                compression=compression,
+            )
+        else:
+            self.writer = self._reopen(resume, file_attrs, arrays, n_snapshots)
         self._arrays = arrays
         first = next(iter(self.modules.values())).weight
         self._device = first.device
@@ -208,15 +234,54 @@ class RecorderCore:
         self._n = 0
         # Torch views of the writer's snapshot buffers, [B, N_kept, F], and the kept-neuron indices on device.
         self._snap = {key: torch.from_numpy(buf) for key, buf in self.writer.snapshot_buffers.items()}
+        self._snap_rows = {key: list(t.unbind(0)) for key, t in self._snap.items()}  # [N_kept, F] views
         self._idx = {
             s.name: None if s.n_kept == s.n else torch.as_tensor(s.neurons, device=self._device)
             for s in self.specs
         }
         self._plan = self._make_plan()
-        self.last_step: int | None = None
-        self.last_snapshot: int | None = None
+        self._make_stage()
+        self.last_step: int | None = None if resume is None else int(resume["last_step"])
+        self.last_snapshot: int | None = None if resume is None else _opt_int(resume["last_snapshot"])
         self._last_flush = time.monotonic()
         self.closed = False
+
+    def _reopen(
+        self, state: Mapping[str, Any], file_attrs: Mapping[str, Any], arrays: list[str], n_snapshots: int
+    ) -> RunWriter:
+        try:
+            run_id, rows, last_step = str(state["run_id"]), dict(state["rows"]), int(state["last_step"])
+        except (KeyError, TypeError, ValueError):
+            raise SleepbotError(
+                f"cannot resume recording into {str(self.path)!r}: the state has no run_id/rows/last_step "
+                f"(got keys {sorted(state)})"
+            ) from None
+        settings = ("every_n_steps", "max_neurons_per_layer", "neuron_seed", "gradients", "optimizer_state")
+        return RunWriter.reopen(
+            self.path,
+            self.specs,
+            run_id=run_id,
+            rows=rows,
+            snapshot_arrays=arrays,
+            buffer_snapshots=n_snapshots,
+            wall_seconds=float(state.get("wall_seconds", 0.0)),
+            last_step=last_step,
+            expect={k: file_attrs[k] for k in settings},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flush, and return what a resumed recorder needs (`RecorderCore(..., resume=state)`): the file's run id,
+        rows per dataset on disk, the last step and snapshot recorded. Plain JSON-able values."""
+        if not self.closed:
+            self.flush()
+        return {
+            "path": str(self.path),
+            "run_id": self.writer.run_id,
+            "rows": dict(self.writer.rows),
+            "last_step": self.last_step,
+            "last_snapshot": self.last_snapshot,
+            "wall_seconds": time.time() - self.writer._t0,
+        }
 
     def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self._device.type == "cpu":
@@ -239,8 +304,67 @@ class RecorderCore:
                 w2d = None
             if w.dtype != torch.float32:
                 w2d = None  # the slow path converts
-            plan.append((w, b, w2d, None if b is None else b.detach(), self._norms[name]))
+            bd = None if b is None else b.detach()
+            bcol = (
+                None if bd is None or b.dtype != torch.float32 or not bd.is_contiguous() else bd.unsqueeze(1)
+            )
+            plan.append((w, b, w2d, bd, self._norms[name], bcol))
         return plan
+
+    def _make_stage(self) -> None:
+        """The staging block of a small network (see the module docstring), or none for a larger one.
+
+        A row is every parameter flattened, in plan order (weight, then bias, per layer); the losses of the staged
+        steps wait in a list. `_drain` turns what was staged into norms and losses in the block buffers.
+        """
+        self._stage = None
+        self._s = 0  # rows staged, not yet drained
+        self._stage_len = -1  # no stage: `_s` never reaches it
+        self._losses: list[Any] = []
+        flat: list[torch.Tensor] = []
+        for w, _b, w2d, bd, _buf, _bcol in self._plan:
+            if w2d is None or w.device != self._device or (bd is not None and _bcol is None):
+                return  # non-float32, non-viewable or scattered parameters: the per-layer path
+            flat.append(w2d.view(-1))
+            if bd is not None:
+                flat.append(bd.view(-1))
+        width = sum(t.numel() for t in flat)
+        rows = min(STAGE_ROWS, self._rows, STAGE_BYTES // (4 * width))
+        if rows < min(8, self._rows):
+            return
+        self._stage = torch.empty((rows, width), dtype=torch.float32, device=self._device)
+        self._stage_rows = list(self._stage.unbind(0))  # views made once: indexing costs a dispatch per step
+        self._stage_len = rows
+        self._flat = flat
+
+    def _drain(self) -> None:
+        """Norms and losses of the staged rows, into the block buffers (a few ops per layer for the whole block)."""
+        s = self._s
+        if s == 0:
+            return
+        stage = self._stage[:s]
+        i1 = self._n
+        i0 = i1 - s
+        off = 0
+        for _w, _b, w2d, bd, buf, _bcol in self._plan:
+            n, k = w2d.shape
+            wk = stage[:, off : off + n * k].view(s, n, k)  # [s, N, fan_in]
+            off += n * k
+            if bd is None:
+                torch.linalg.vector_norm(wk, dim=2, out=buf[i0:i1])
+            else:
+                torch.hypot(torch.linalg.vector_norm(wk, dim=2), stage[:, off : off + n], out=buf[i0:i1])
+                off += n
+        losses = self._losses
+        if all(isinstance(x, torch.Tensor) for x in losses):
+            self._loss[i0:i1] = torch.stack(losses).reshape(s)  # one op for the block, on the losses' device
+        else:  # a plain loop passing floats or None
+            for k, x in enumerate(losses):
+                self._loss[i0 + k] = (
+                    float("nan") if x is None else (x.reshape(()) if torch.is_tensor(x) else x)
+                )
+        self._losses = []
+        self._s = 0
 
     def _plan_is_current(self) -> bool:
         """False when a layer's weight or bias was replaced by a new Parameter since the plan was made."""
@@ -261,8 +385,35 @@ class RecorderCore:
         if self.last_step is not None and step <= self.last_step:
             raise SleepbotError(f"record_step: steps must increase, got {step} after {self.last_step}")
         i = self._n
+        if self._stage is not None:  # small network: one op per step (see the module docstring)
+            torch.cat(self._flat, out=self._stage_rows[self._s])
+            self._s += 1
+            # A tensor loss stays on its device (no host sync per step); the block's losses are stacked at drain.
+            self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        else:
+            self._norm_step(i, loss)
+        if lr is None and self.optimizer is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+        self._lr[i] = lr if isinstance(lr, float) else _as_float(lr)
+        self._steps[i] = step
+        self._n += 1
+        self.last_step = step
+        if self._s == self._stage_len:
+            self._drain()
+        if step % self.every_n_steps == 0:
+            self.snapshot(self.model, step)
+            if self.writer.snapshots_full:
+                self.flush()
+                return
+        if self._n == self._rows:
+            self._push_steps()
+        if time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def _norm_step(self, i: int, loss: Any) -> None:
+        """Norms and loss of one step straight into block row `i` (networks too large to stage)."""
         # No torch.no_grad() needed: every tensor here is detached. Two ops per layer: ||w_row|| then hypot with b.
-        for w, _b, w2d, bd, buf in self._plan:
+        for w, _b, w2d, bd, buf, _bcol in self._plan:
             if w2d is None:  # slow path: non-float32 or non-viewable weights
                 norms = torch.linalg.vector_norm(w.detach().reshape(w.shape[0], -1).float(), dim=1)
                 buf[i] = norms if bd is None else torch.hypot(norms, bd.float())
@@ -276,18 +427,6 @@ class RecorderCore:
             self._loss[i] = loss.detach().reshape(())  # stays on its device; no host sync per step
         else:
             self._loss[i] = float(loss)
-        if lr is None and self.optimizer is not None:
-            lr = self.optimizer.param_groups[0]["lr"]
-        self._lr[i] = _as_float(lr)
-        self._steps[i] = step
-        self._n += 1
-        self.last_step = step
-        if step % self.every_n_steps == 0:
-            self.snapshot(self.model, step)
-        if self._n == self._rows:
-            self._push_steps()
-        if self.writer.snapshots_full or time.monotonic() - self._last_flush > self.flush_seconds:
-            self.flush()
 
     @torch.no_grad()
     def snapshot(self, model: nn.Module, step: int) -> None:
@@ -303,15 +442,27 @@ class RecorderCore:
                 return
             raise SleepbotError(f"snapshot: steps must increase, got {step} after {self.last_snapshot}")
         if model is self.model and not self._plan_is_current():
+            if self._stage is not None:
+                self._drain()  # rows staged from the old parameters
             self._plan = self._make_plan()  # a parameter was replaced: follow the new one
+            self._make_stage()
         modules = self.modules if model is self.model else neuron_layers(model, include=list(self.modules))
         if self.writer.snapshots_full:
             self.flush()
         j = self.writer.snapshot_index
-        for spec in self.specs:
+        fast = model is self.model
+        for spec, (_w, _b, w2d, _bd, _buf, bcol) in zip(self.specs, self._plan):
             m = modules[spec.name]
             idx = self._idx[spec.name]
             for arr in self._arrays:
+                if arr == "weight" and fast and w2d is not None and idx is None:
+                    # one op per layer: [N, fan_in] and the bias column side by side, into the block row
+                    out = self._snap_rows[(spec.name, arr)][j]
+                    if bcol is None:
+                        out.copy_(w2d)
+                    else:
+                        torch.cat((w2d, bcol), dim=1, out=out)
+                    continue
                 if arr == "weight":
                     w, b = m.weight, m.bias
                 elif arr == "grad":
@@ -352,6 +503,8 @@ class RecorderCore:
 
     # ------------------------------------------------------------------------------------------ flushing
     def _push_steps(self) -> None:
+        if self._stage is not None:
+            self._drain()
         n = self._n
         if n == 0:
             return
@@ -413,7 +566,30 @@ def _copy_neurons(
             out[:, fan].copy_(b if idx is None else b.index_select(0, idx))
 
 
-def _check_options(every_n_steps: int, max_neurons_per_layer: int | None, flush_every: int) -> None:
+def _opt_int(x: Any) -> int | None:
+    return None if x is None else int(x)
+
+
+def _block_sizes(
+    specs: Sequence[LayerSpec], n_arrays: int, every_n_steps: int, flush_every: int, buffer_bytes: int | None
+) -> tuple[int, int]:
+    """(per-step rows, snapshots) per in-memory block, within `buffer_bytes` (per-step rows: a quarter at most).
+
+    Per-step rows: one block per snapshot block, capped for long snapshot intervals (MAX_STEP_ROWS).
+    """
+    rows = min(flush_every * every_n_steps, MAX_STEP_ROWS)
+    snaps = flush_every
+    if buffer_bytes is not None:
+        row_bytes = 4 * (sum(s.n for s in specs) + 2) + 8  # norms, loss, lr (float32) and the step (int64)
+        rows = max(1, min(rows, buffer_bytes // 4 // row_bytes))
+        snapshot_bytes = 4 * n_arrays * sum(s.n_kept * s.fan_in for s in specs)
+        snaps = max(1, min(snaps, (buffer_bytes - rows * row_bytes) // max(1, snapshot_bytes)))
+    return rows, snaps
+
+
+def _check_options(
+    every_n_steps: int, max_neurons_per_layer: int | None, flush_every: int, buffer_bytes: int | None = None
+) -> None:
     if not isinstance(every_n_steps, int) or every_n_steps < 1:
         raise SleepbotError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
     if max_neurons_per_layer is not None and (
@@ -424,3 +600,5 @@ def _check_options(every_n_steps: int, max_neurons_per_layer: int | None, flush_
         )
     if not isinstance(flush_every, int) or flush_every < 1:
         raise SleepbotError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+    if buffer_bytes is not None and (not isinstance(buffer_bytes, int) or buffer_bytes < 1):
+        raise SleepbotError(f"buffer_bytes must be an integer >= 1 or None, got {buffer_bytes!r}")

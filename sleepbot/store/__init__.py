@@ -8,7 +8,8 @@ switches the file to SWMR mode and only appends (resize + write + flush) from th
 run, and a run killed with SIGKILL leaves a file that opens and holds every block flushed before the kill. Its
 `status` attribute stays `running`; `complete` and `failed` are written only by a clean close.
 
-Modules: `format` (schema constants, event dtype, chunk shapes, StoreError), `writer`, `reader`.
+Modules: `format` (schema constants, event dtype, chunk shapes, StoreError), `writer`, `reader`, `repair` (a
+killed run into a closed file: `repair_run`, `sleepbot repair`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sleepbot.store.format import (
     _weight_chunks,
 )
 from sleepbot.store.reader import RunFile, TrajectoryStore
+from sleepbot.store.repair import clear_open_flags, repair_run
 from sleepbot.store.writer import RunWriter, stamp_status
 
 __all__ = [
@@ -42,5 +44,7 @@ __all__ = [
     "TrajectoryStore",
     "_event_row",
     "_weight_chunks",
+    "clear_open_flags",
+    "repair_run",
     "stamp_status",
 ]

@@ -15,7 +15,8 @@ from sleepbot.errors import SleepbotError
 SCHEMA_VERSION = 1
 # What h5py raises for a damaged file depends on where the damage is (superblock, object header, chunk index).
 _H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError)
-STATUSES = ("running", "complete", "failed")
+# `killed`: set by `repair_run` on a run whose writer died without closing it (SIGKILL, power loss).
+STATUSES = ("running", "complete", "failed", "killed")
 
 # One sleep event per row. `strategy` is fixed-length ASCII so that the table is a plain compound dataset that
 # any HDF5 reader understands and that can grow under SWMR (variable-length strings live on the global heap).

@@ -120,7 +120,7 @@ class _Metrics(Mapping):
         ds = self._run._dataset(f"metrics/{name}")
         if ds.ndim == 0:
             return np.asarray(ds[()])
-        n = len(self._run.steps) if name in ("train_loss", "lr") else self._run._val_rows()
+        n = self._run._n_steps() if name in ("train_loss", "lr") else self._run._val_rows()
         return _read(self._run.path, ds, min(n, ds.shape[0]), slice(None))
 
     def __iter__(self) -> Iterator[str]:
@@ -148,6 +148,7 @@ class RunFile:
         self.path = Path(path)
         self._f = _open_h5(self.path)
         self._cache: dict[str, h5py.Dataset] = {}
+        self._layer_arrays: dict[str, list[str]] = {}
         try:
             self._validate()
         except BaseException:
@@ -192,7 +193,8 @@ class RunFile:
     # ------------------------------------------------------------------------------------------ metadata
     @property
     def status(self) -> str:
-        """`running` (being written, or killed before a clean close), `complete` or `failed`."""
+        """`running` (being written, or killed before a clean close), `complete`, `failed`, or `killed` (a killed
+        run that `repair_run` closed)."""
         return str(self.attrs.get("status", "running"))
 
     @property
@@ -220,20 +222,19 @@ class RunFile:
 
     @property
     def steps(self) -> np.ndarray:
-        """[T] int64: the steps at which norms, train loss and lr were recorded."""
-        return _read(self.path, self._dataset("steps"), self._dataset("steps").shape[0], slice(None))
+        """[T] int64: the steps at which norms, train loss and lr were recorded (in every per-step dataset)."""
+        return _read(self.path, self._dataset("steps"), self._n_steps(), slice(None))
 
     @property
     def snapshot_steps(self) -> np.ndarray:
-        """[S] int64: the steps of the weight snapshots (step 0 is the initial weights)."""
-        ds = self._dataset("snapshot_steps")
-        return _read(self.path, ds, ds.shape[0], slice(None))
+        """[S] int64: the steps of the weight snapshots (step 0 is the initial weights), in every snapshot array."""
+        return _read(self.path, self._dataset("snapshot_steps"), self._n_snapshots(), slice(None))
 
     # ------------------------------------------------------------------------------------------ arrays
     def norms(self, layer: str, steps: Any = slice(None)) -> np.ndarray:
         """[T, N] float32 per-neuron L2 norms (weights and bias); `steps` selects rows (positions in `steps`)."""
         ds = self._dataset(f"layers/{self._check_layer(layer)}/norm")
-        return _read(self.path, ds, min(self._dataset("steps").shape[0], ds.shape[0]), steps)
+        return _read(self.path, ds, self._n_steps(), steps)
 
     def weights(self, layer: str, snapshots: Any = slice(None), neurons: Any = slice(None)) -> np.ndarray:
         """[S, N_kept, F] float32 snapshots; `snapshots` selects positions in `snapshot_steps`, `neurons` positions
@@ -248,9 +249,7 @@ class RunFile:
         if key not in self._f:
             have = self.layer_info(layer)["arrays"]
             raise StoreError(f"{str(self.path)!r} has no array {name!r} for layer {layer!r}; it has: {have}")
-        ds = self._dataset(key)
-        n = min(self._dataset("snapshot_steps").shape[0], ds.shape[0])
-        return _read(self.path, ds, n, snapshots, neurons)
+        return _read(self.path, self._dataset(key), self._n_snapshots(), snapshots, neurons)
 
     def events(self) -> list[dict[str, Any]]:
         """Sleep events: dicts with step, strategy, horizon, accepted, loss_before, loss_after."""
@@ -278,6 +277,25 @@ class RunFile:
                 pass  # a file not opened in SWMR mode has nothing to refresh
 
     # ------------------------------------------------------------------------------------------ helpers
+    # One HDF5 flush does not order its writes across datasets: a live or killed file may hold a row in /steps
+    # and not yet in a layer's norm (or a snapshot in one layer and not another). Every read is clamped to the
+    # rows that all datasets of its kind hold, so no caller indexes past data.
+    def _n_steps(self) -> int:
+        keys = ["steps", "metrics/train_loss", "metrics/lr", *(f"layers/{name}/norm" for name in self.layers)]
+        return min(self._dataset(k).shape[0] for k in keys)
+
+    def _n_snapshots(self) -> int:
+        keys = ["snapshot_steps"]
+        for name in self.layers:
+            keys += [f"layers/{name}/{a}" for a in self._arrays(name)]
+        return min(self._dataset(k).shape[0] for k in keys)
+
+    def _arrays(self, layer: str) -> list[str]:
+        arrays = self._layer_arrays.get(layer)
+        if arrays is None:
+            arrays = self._layer_arrays[layer] = self.layer_info(layer)["arrays"]
+        return arrays
+
     def _val_rows(self) -> int:
         return min(self._dataset(f"metrics/val/{k}").shape[0] for k in ("step", "loss", "acc"))
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,21 +81,10 @@ class RunWriter:
             self._f = h5py.File(tmp, "w", libver="latest")
         except OSError as e:
             raise StoreError(f"cannot create run file {str(self.path)!r}: {_short(e)}") from None
-        self.closed = False
-        self.status = "running"
-        self._t0 = time.time()
-        self._pending_test: dict[str, float] = {}
-        self._val: list[tuple[int, float, float]] = []
-        self._events: list[tuple] = []
-        self._snap_steps: list[int] = []
+        self.run_id = uuid.uuid4().hex
         try:
-            self._create(attrs or {}, buffer_steps, compression)
-            # [B, N_kept, F] per (layer, array): the recorder core copies each snapshot into row `snapshot_index`.
-            self.snapshot_buffers: dict[tuple[str, str], np.ndarray] = {
-                (spec.name, arr): np.zeros((self.buffer_snapshots, spec.n_kept, spec.fan_in), np.float32)
-                for spec in self.layers
-                for arr in self.snapshot_arrays
-            }
+            self._init_state()
+            self._create({**(attrs or {}), "run_id": self.run_id}, buffer_steps, compression)
             self._f.swmr_mode = True  # from here on: no new objects or attributes, only appends
             self._f.flush()
             _publish(tmp, self.path, overwrite)
@@ -101,6 +92,112 @@ class RunWriter:
             self._f.close()
             tmp.unlink(missing_ok=True)
             raise
+
+    def _init_state(self) -> None:
+        self.closed = False
+        self.status = "running"
+        self._t0 = time.time()
+        self._pending_test: dict[str, float] = {}
+        self._val: list[tuple[int, float, float]] = []
+        self._events: list[tuple] = []
+        self._snap_steps: list[int] = []
+        # Rows on disk (after the last flush) per kind: what a resume truncates the file back to.
+        self.rows = {"steps": 0, "snapshots": 0, "val": 0, "events": 0}
+        # [B, N_kept, F] per (layer, array): the recorder core copies each snapshot into row `snapshot_index`.
+        self.snapshot_buffers: dict[tuple[str, str], np.ndarray] = {
+            (spec.name, arr): np.zeros((self.buffer_snapshots, spec.n_kept, spec.fan_in), np.float32)
+            for spec in self.layers
+            for arr in self.snapshot_arrays
+        }
+
+    @classmethod
+    def reopen(
+        cls,
+        path: str | Path,
+        layers: Sequence[LayerSpec],
+        *,
+        run_id: str,
+        rows: Mapping[str, int],
+        snapshot_arrays: Sequence[str] = ("weight",),
+        buffer_snapshots: int = 64,
+        wall_seconds: float = 0.0,
+        last_step: int | None = None,
+        expect: Mapping[str, Any] | None = None,
+    ) -> RunWriter:
+        """Reopen the run `run_id` at `path` to append to it, cut back to `rows` (a writer's `rows` at a checkpoint).
+
+        Rows a crashed writer added after that point are dropped. A killed run (open-for-writing flags still set)
+        is reopened too once its writer is gone. The file's layers and arrays must be the ones given, its root
+        attributes those in `expect`, and its last step row `last_step`, which is appended to `resumed_at`.
+
+        Raises:
+            StoreError: the file is missing, of another run (run_id), of another layout or settings, holds fewer
+                rows than `rows`, or is still being written.
+        """
+        from sleepbot.store.reader import RunFile
+        from sleepbot.store.repair import clear_open_flags, live_writer, truncate_to_consistent
+
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.layers = list(layers)
+        self.snapshot_arrays = list(snapshot_arrays)
+        self.buffer_snapshots = max(1, int(buffer_snapshots))
+        if not self.path.exists():
+            raise StoreError(f"cannot resume recording: run file {str(self.path)!r} does not exist")
+        with RunFile(self.path) as run:
+            attrs = dict(run.attrs)
+            have_layers = {name: run.layer_info(name) for name in run.layers}
+        if attrs.get("run_id") != run_id:
+            raise StoreError(
+                f"cannot resume recording: {str(self.path)!r} belongs to run {attrs.get('run_id')!r}, "
+                f"not to the checkpoint's run {run_id!r}"
+            )
+        want = {s.name: (s.n_kept, s.fan_in) for s in self.layers}
+        have = {k: (v["n_kept"], v["fan_in"]) for k, v in have_layers.items()}
+        arrays = {a for v in have_layers.values() for a in v["arrays"]}
+        if want != have or arrays != set(self.snapshot_arrays):
+            raise StoreError(
+                f"cannot resume recording: {str(self.path)!r} records layers {have} and arrays {sorted(arrays)}, "
+                f"this recorder {want} and {sorted(self.snapshot_arrays)}"
+            )
+        for key, value in (expect or {}).items():
+            if attrs.get(key) != value:
+                raise StoreError(
+                    f"cannot resume recording: {str(self.path)!r} was recorded with {key}={attrs.get(key)!r}, "
+                    f"this recorder has {key}={value!r}"
+                )
+        why = live_writer(attrs) if attrs.get("status") == "running" else None
+        if why:
+            raise StoreError(f"cannot resume recording: {str(self.path)!r} {why}")
+        clear_open_flags(self.path)  # a killed writer's file: its writer is gone (checked above)
+        self._init_state()
+        self.run_id = run_id
+        self._t0 = time.time() - float(wall_seconds)
+        try:
+            self._f = h5py.File(self.path, "r+", libver="latest")
+        except OSError as e:
+            raise StoreError(f"cannot reopen run file {str(self.path)!r}: {_short(e)}") from None
+        try:
+            self.rows = truncate_to_consistent(self._f, rows)
+            f = self._f
+            t = self.rows["steps"]
+            if last_step is not None and t and int(f["steps"][t - 1]) != int(last_step):
+                raise StoreError(
+                    f"cannot resume recording: {str(self.path)!r} has step {int(f['steps'][t - 1])} in row {t - 1}, "
+                    f"the checkpoint's last step is {last_step}"
+                )
+            f.attrs["status"] = "running"
+            f.attrs["finished"] = ""
+            f.attrs["host"] = socket.gethostname()
+            f.attrs["pid"] = os.getpid()
+            resumed = json.loads(_text(f.attrs.get("resumed_at", "[]")))
+            f.attrs["resumed_at"] = json.dumps([*resumed, last_step] if last_step is not None else resumed)
+            f.swmr_mode = True
+            f.flush()
+        except BaseException:
+            self._f.close()
+            raise
+        return self
 
     # ------------------------------------------------------------------------------------------ creation
     def _create(self, attrs: Mapping[str, Any], buffer_steps: int, compression: str | None) -> None:
@@ -126,6 +223,7 @@ class RunWriter:
         # Attributes cannot be added under SWMR, so the ones `close` stamps exist from the start.
         f.attrs["finished"] = ""
         f.attrs["wall_seconds"] = 0.0
+        f.attrs["resumed_at"] = "[]"
         comp = {"compression": compression} if compression else {}
         bs = self.buffer_snapshots
         f.create_dataset("steps", (0,), maxshape=(None,), dtype="<i8", chunks=(buffer_steps,))
@@ -212,6 +310,7 @@ class RunWriter:
         _append(f["metrics/train_loss"], np.asarray(loss, np.float32), t0)
         _append(f["metrics/lr"], np.asarray(lr, np.float32), t0)
         _append(f["steps"], np.asarray(steps, np.int64), t0)
+        self.rows["steps"] = t0 + b
 
     def write_val(self, step: int, loss: float, acc: float) -> None:
         self._check_open()
@@ -244,6 +343,7 @@ class RunWriter:
             for (layer, arr), buf in self.snapshot_buffers.items():
                 _append(f[f"layers/{layer}/{arr}"], buf[:n], s0)
             _append(f["snapshot_steps"], np.asarray(self._snap_steps, np.int64), s0)
+            self.rows["snapshots"] = s0 + n
             self._snap_steps.clear()
         if self._val:
             rows = np.asarray(self._val, dtype=np.float64)
@@ -251,9 +351,12 @@ class RunWriter:
             _append(f["metrics/val/loss"], rows[:, 1].astype(np.float32), v0)
             _append(f["metrics/val/acc"], rows[:, 2].astype(np.float32), v0)
             _append(f["metrics/val/step"], rows[:, 0].astype(np.int64), v0)
+            self.rows["val"] = v0 + len(rows)
             self._val.clear()
         if self._events:
-            _append(f["events"], np.array(self._events, dtype=EVENT_DTYPE), f["events"].shape[0])
+            e0 = f["events"].shape[0]
+            _append(f["events"], np.array(self._events, dtype=EVENT_DTYPE), e0)
+            self.rows["events"] = e0 + len(self._events)
             self._events.clear()
         f.flush()
 
@@ -278,6 +381,10 @@ class RunWriter:
     def _check_open(self) -> None:
         if self.closed:
             raise StoreError(f"run file {str(self.path)!r} is closed")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
