@@ -57,13 +57,20 @@ def neuron_matrix(module: nn.Module) -> torch.Tensor:
 
 
 def set_neuron_matrix(module: nn.Module, matrix: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    """Write `matrix` ([N, fan_in (+1)], or [len(rows), ...] for a subset of neurons) into the layer in place."""
+    """Write `matrix` ([N, fan_in (+1)], or [len(rows), ...] for a subset of neurons) into the layer in place.
+
+    The values are cast to the parameter's dtype (a float32 jump lands in a bf16/fp16 model rounded once) and
+    copied through the parameter's own indexing, so its memory format (channels_last, a non-contiguous view)
+    and storage stay as they were.
+    """
     with torch.no_grad():
-        w = module.weight.view(module.weight.shape[0], -1)  # [N, fan_in]
-        fan_in = w.shape[1]
-        matrix = matrix.to(device=w.device, dtype=w.dtype)
-        idx = slice(None) if rows is None else rows.to(w.device)
-        w[idx] = matrix[:, :fan_in]
+        weight = module.weight
+        fan_in = weight[0].numel()
+        matrix = matrix.to(device=weight.device, dtype=weight.dtype)
+        idx = slice(None) if rows is None else rows.to(weight.device)
+        n = matrix.shape[0]
+        # [n, fan_in] -> [n, C_in, *kernel]: reshape of the logical layout, whatever the strides of `weight`
+        weight[idx] = matrix[:, :fan_in].reshape(n, *weight.shape[1:])
         if has_bias(module):
             module.bias[idx] = matrix[:, fan_in]
 

@@ -252,3 +252,136 @@ def test_sleep_from_config_in_run_training(tiny_config):
         (10, "history: 3 of 5 snapshots"),
         (20, "ok"),
     ]
+
+
+class LossNet(TinyNet):
+    """Logs a val_loss fixed by the step of the validation: it falls from 4 to 1 by step 16, then stays flat."""
+
+    def validation_step(self, batch, batch_idx):
+        value = {4: 4.0, 8: 3.0, 12: 2.0}.get(self.trainer.global_step, 1.0)
+        self.log("val_loss", torch.tensor(value))
+
+
+@pytest.mark.parametrize(
+    ("mode", "first"),
+    # min: the loss still falls by >= 1 per window until step 24 (windows [2, 1] after [4, 3] ...; flat from
+    # [1, 1] after [..., 1]); max reads the falling loss as getting worse, flat from the third validation (12)
+    [("min", 26), ("max", 14)],
+)
+def test_after_plateau_reads_a_loss_with_monitor_mode_min(mode, first):
+    cb = Sleep(
+        "noise",
+        every_n_steps=2,
+        after_plateau=True,
+        monitor="val_loss",
+        monitor_mode=mode,
+        plateau_window=2,
+        plateau_delta=0.5,
+        alpha=0.01,
+    )
+    pl.seed_everything(0, verbose=False)
+    t = trainer(30, [cb], val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    t.fit(LossNet(), digits_loader(), digits_loader(64))
+    assert [e["step"] for e in cb.events] == list(range(first, 30, 2))
+
+
+def test_bad_monitor_mode_and_buffer_device_are_one_line_errors():
+    with pytest.raises(SleepbotError, match="unknown sleep monitor_mode 'up'; valid: max, min") as e:
+        Sleep("linear", monitor_mode="up")
+    assert "\n" not in str(e.value)
+    with pytest.raises(SleepbotError, match="unknown sleep buffer_device 'gpu0'; valid: None, cpu") as e:
+        Sleep("linear", buffer_device="gpu0")
+    assert "\n" not in str(e.value)
+
+
+def _linear_sleep(**kw) -> Sleep:
+    settings = dict(every_n_steps=6, snapshot_every=2, context=3, horizon=2, check_batches=2)
+    return Sleep("linear", **{**settings, **kw})
+
+
+def test_buffer_device_keeps_history_and_held_batches_there_and_changes_nothing():
+    plain_cb = _linear_sleep()
+    plain = weights(_fit([plain_cb], max_steps=20))
+    host_cb = _linear_sleep(buffer_device="cpu")
+
+    class Look(pl.Callback):  # after Sleep: where its ring buffer and held batches live
+        devices: set = set()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            for _, snap in host_cb._buffer:
+                self.devices |= {v.device for v in snap.values()}
+            for b in host_cb._held:
+                self.devices |= {t.device for t in b}
+
+    look = Look()
+    host = weights(_fit([host_cb, look], max_steps=20))
+    assert look.devices == {torch.device("cpu")}
+    assert [e["accepted"] for e in host_cb.events] == [True, True, True]
+    for k in plain:
+        assert torch.equal(plain[k], host[k]), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_buffer_device_cpu_for_a_model_on_cuda():
+    def fit(cb):
+        pl.seed_everything(0, verbose=False)
+        module = TinyNet()
+        trainer(20, [cb], accelerator="cuda", deterministic=False).fit(module, digits_loader())
+        return module, {k: v.cpu() for k, v in weights(module).items()}
+
+    host_cb = _linear_sleep(buffer_device="cpu", tolerance=10.0)
+    module, host = fit(host_cb)
+    assert next(module.parameters()).is_cuda
+    assert {v.device.type for _, snap in host_cb._buffer for v in snap.values()} == {"cpu"}
+    assert {t.device.type for b in host_cb._held for t in b} == {"cpu"}
+    assert [e["accepted"] for e in host_cb.events] == [True, True, True]
+    _, plain = fit(_linear_sleep(tolerance=10.0))
+    for k in plain:
+        torch.testing.assert_close(plain[k], host[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def checkpoint_at_8(tmp_path):
+    """A checkpoint at step 8 of a run with `_linear_sleep()` (one jump, at 6, before it), and that run's Sleep."""
+    cb = _linear_sleep()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1)
+    _fit([cb, ckpt], max_steps=8, net=StepKeyedNet, enable_checkpointing=True)
+    (path,) = tmp_path.glob("*step=8.ckpt")
+    return path, cb
+
+
+def _resume(path, cb, max_steps=14):
+    pl.seed_everything(0, verbose=False)
+    trainer(max_steps, [cb]).fit(StepKeyedNet(), digits_loader(), ckpt_path=path)
+
+
+def test_resume_with_a_changed_setting_that_shapes_the_state_fails_naming_it(checkpoint_at_8):
+    path, _ = checkpoint_at_8
+    with pytest.raises(
+        SleepbotError, match="sleep setting context changed since the checkpoint: 3 there, 4 now"
+    ) as e:
+        _resume(
+            path, Sleep("linear", every_n_steps=6, snapshot_every=2, context=4, horizon=2, check_batches=2)
+        )
+    assert "\n" not in str(e.value)
+    with pytest.raises(
+        SleepbotError, match="sleep setting strategy changed since the checkpoint: linear"
+    ) as e:
+        _resume(path, Sleep("noise", every_n_steps=6, check_batches=2))
+    assert "\n" not in str(e.value)
+    with pytest.raises(SleepbotError, match="sleep setting check_batches changed .*: 2 there, 3 now"):
+        _resume(
+            path, Sleep("linear", every_n_steps=6, snapshot_every=2, context=3, horizon=2, check_batches=3)
+        )
+
+
+def test_resume_with_changed_schedule_settings_keeps_the_state(checkpoint_at_8):
+    path, first = checkpoint_at_8
+    assert [e["step"] for e in first.events] == [6]
+    cb = _linear_sleep(tolerance=0.5, every_n_steps=5)  # free to change: only the future depends on them
+    _resume(path, cb, max_steps=14)
+    # the state came with it: the event before the checkpoint, and a full history at 10 (snapshots 6, 8, 10 on
+    # the grid that the jump at 6 restarted; a fresh start would have only 8 and 10)
+    assert [e["step"] for e in cb.events] == [6, 10]
+    assert cb.events[0] == first.events[0]
+    assert cb.events[1]["reason"] == "ok"

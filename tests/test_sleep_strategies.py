@@ -169,9 +169,29 @@ def case_oracle(hist, kind, name, tmp_path):
     # the oracle jumps to what the recorded run had 2 snapshots later, neuron by neuron
     want = np.stack([recorded[3][i] for i in range(n)])
     _check_close(got, want)
+    # after earlier jumps skipped 2 snapshots, the weights stand for the recording 2 snapshots on: it reads from there
+    ctx.jumped = 2 * ctx.snapshot_every
+    _check_close(s.propose(cur[None], 2, ctx), np.stack([recorded[5][i] for i in range(n)]))
     # past the end of the recording, nothing moves
     ctx = _ctx(layer, kind, [steps[-1]])
     _check_close(s.propose(cur[None], 2, ctx), cur.numpy())
+
+
+def case_nino(hist, kind, name, tmp_path):
+    # the per-scalar reference lives with nino's own tests (tests/test_sleep_nino.py); here one layer of a real
+    # trajectory, weights and bias as separate tensors
+    from test_sleep_nino import random_state_dict, ref_tensor
+
+    path = tmp_path / f"wnn-{name}.pt"
+    sd = random_state_dict()
+    torch.save({"state_dict": sd, "model_args": {"gnn": False}}, path)
+    s = make_strategy("nino", checkpoint=str(path), k=3)
+    s.setup(TinyNet(), 20)
+    h = hist[-5:].double().numpy()  # [5, N, fan_in + 1]
+    want = np.concatenate(
+        [ref_tensor(sd, h[:, :, :-1], 1, 3), ref_tensor(sd, h[:, :, -1], 2, 3)[:, None]], axis=1
+    )
+    _check_close(s.propose(hist[-5:], 3, _ctx(name, kind, [3, 6, 9, 12, 15])), want)
 
 
 _RECORDED: dict[str, object] = {}
@@ -200,6 +220,7 @@ REFERENCES = {
     "random": case_random,
     "learned": case_learned,
     "oracle": case_oracle,
+    "nino": case_nino,
 }
 
 
@@ -217,9 +238,9 @@ def test_strategy_matches_slow_reference(name, trajectory, tmp_path):
 
 
 def test_config_names_match_registry():
-    from sleepbot.config import SLEEP_STRATEGIES
+    from sleepbot.registry import names
 
-    assert set(SLEEP_STRATEGIES) == set(STRATEGIES)
+    assert set(names("strategy")) == set(STRATEGIES)
 
 
 def test_bad_names_and_options_are_one_line_errors():

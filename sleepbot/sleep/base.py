@@ -49,6 +49,9 @@ class LayerContext:
         progress: step / max_steps, the relative training time in [0, 1] (0 when the budget is unknown).
         generator: the random generator to draw from; seeded from (seed, step) so that a jump does not depend on
             what happened before it (resume and DDP stay exact).
+        jumped: the steps skipped by this run's earlier accepted jumps (`horizon * snapshot_every` each), so that
+            the weights now stand where a run without sleep would be at about `step + jumped` (the oracle reads
+            its recording there).
     """
 
     layer: str
@@ -58,6 +61,7 @@ class LayerContext:
     snapshot_every: int
     progress: float = 0.0
     generator: torch.Generator | None = None
+    jumped: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -15,9 +15,21 @@ What happens at each optimizer step (on_train_batch_end, after the optimizer has
 4. the decision goes to `self.events`, to the Lightning loggers (`sleep/*` metrics) and, when a
    TrajectoryRecorder is among the trainer's callbacks, to its run file's `/events`.
 
-Under DDP, global rank 0 computes the decision and the new weights and broadcasts them, so replicas stay
-identical. `state_dict()` holds the ring buffer, the held batches and the schedule's progress, so a run resumed
-from a checkpoint sleeps exactly as an uninterrupted one.
+Weights of any dtype and memory format: the history and the jump are computed in float32 (float64 stays float64)
+and written back in each parameter's own dtype and layout (bf16/fp16, channels_last).
+
+BatchNorm: with held batches (`check_batches > 0`), the running statistics of the BatchNorm layers in training
+mode are re-estimated on the held batches for the weights being judged, before and after the jump (one batch
+statistic per held batch, averaged; the layers' momentum and `num_batches_tracked` are restored afterwards), and an
+accepted jump keeps the ones re-estimated for its new weights. A rejected jump restores the old weights and the old
+running statistics bit for bit. Without held batches the statistics are left to training to re-estimate.
+
+Under DDP, global rank 0 computes the decision and the new weights (and BatchNorm statistics) and broadcasts them,
+so replicas stay identical. The decision is exchanged only at steps where `schedule(step)` is true (the schedule
+is the same on every rank), so ranks do not synchronise at every step; if rank 0 fails while sleeping, the
+other ranks fail with it instead of waiting. `state_dict()` holds the ring buffer, the held batches, the
+schedule's progress and the settings, so a run resumed from a checkpoint sleeps exactly as an uninterrupted one,
+and a resume whose settings would make that state wrong fails with one line naming the setting.
 """
 
 from __future__ import annotations
@@ -33,10 +45,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import move_data_to_device
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import nn
 
 from sleepbot.errors import SleepbotError
 from sleepbot.neurons import layer_kind, neuron_layers, neuron_matrix, set_neuron_matrix
 from sleepbot.sleep.base import EveryNSteps, LayerContext, SleepSettings, SleepStrategy, make_strategy
+from sleepbot.sleep.held import LossFn, held_loss, norm_layers, norm_state, set_norm_state
 from sleepbot.sleep.optim_state import adjust_optimizer_state, check_policy
 
 log = logging.getLogger(__name__)
@@ -45,7 +60,29 @@ log = logging.getLogger(__name__)
 # 5 snapshots (50 steps) ahead every 50 steps, the setting measured in PRIOR_ART.md.
 DEFAULTS = {"every_n_steps": 50, "horizon": 5, "snapshot_every": 10, "context": 5}
 
-LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+__all__ = ["LossFn", "Sleep", "default_loss"]
+
+STATE_VERSION = 2
+# Settings a resumed run may change: they only steer what happens from now on. Every other setting shapes the
+# saved state (the ring buffer's grid and length, the held batches, the monitored history) or what it means.
+RESUMABLE = (
+    "every_n_steps",
+    "start_step",
+    "stop_step",
+    "custom_schedule",
+    "horizon",
+    "optimizer_state",
+    "tolerance",
+    "plateau_window",
+    "plateau_delta",
+    "seed",
+    "buffer_device",
+)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the dtype jumps are computed in: float32 for bf16/fp16 weights, float64 and float32 as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def default_loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -82,9 +119,14 @@ class Sleep(pl.Callback):
         after_plateau: sleep only once `monitor` has flattened: its best value over the last `plateau_window`
             validations improves on the best before them by less than `plateau_delta` (then stays on).
         monitor: the logged validation metric the plateau test reads.
+        monitor_mode: `max` when a larger `monitor` is better (an accuracy), `min` when smaller is (a loss).
+            (Not `mode`: that name is the oracle strategy's option.)
         plateau_window: validations in the plateau test's window.
         plateau_delta: the improvement below which the metric counts as flat.
         seed: seeds the strategies' random draws, together with the step.
+        buffer_device: where the ring buffer and the held batches live, e.g. `cpu` to keep them in host memory
+            for a model on an accelerator (each jump then copies its history to the model's device);
+            None: on each parameter's own device.
         **options: the strategy's own options when it is given by name (e.g. alpha=0.01 for `noise`).
     """
 
@@ -106,9 +148,11 @@ class Sleep(pl.Callback):
         layers: list[str] | None = None,
         after_plateau: bool = False,
         monitor: str = "val_acc",
+        monitor_mode: str = "max",
         plateau_window: int = 5,
         plateau_delta: float = 0.005,
         seed: int = 0,
+        buffer_device: str | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -140,9 +184,18 @@ class Sleep(pl.Callback):
         self.layer_names = layers
         self.after_plateau = after_plateau
         self.monitor = monitor
+        if monitor_mode not in ("max", "min"):
+            raise SleepbotError(f"unknown sleep monitor_mode {monitor_mode!r}; valid: max, min")
+        self.monitor_mode = monitor_mode
         self.plateau_window = int(plateau_window)
         self.plateau_delta = float(plateau_delta)
         self.seed = int(seed)
+        try:
+            self.buffer_device = None if buffer_device is None else torch.device(buffer_device)
+        except (RuntimeError, TypeError):
+            raise SleepbotError(
+                f"unknown sleep buffer_device {buffer_device!r}; valid: None, cpu, cuda, cuda:0, mps, ..."
+            ) from None
         self.events: list[dict[str, Any]] = []
         self._layers: dict[str, torch.nn.Module] = {}
         self._final_step = 0  # the Trainer's max_steps (0: unknown), set at fit start
@@ -154,6 +207,7 @@ class Sleep(pl.Callback):
         self._buffer: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=self.settings.context)
         self._held: deque[Any] = deque(maxlen=max(1, self.check_batches))
         self._origin = 0  # the step the snapshot grid counts from: the start or the last accepted jump
+        self._jumped = 0  # steps skipped by the accepted jumps so far (horizon * snapshot_every each)
         self._last_step = -1
         self._val_history: list[float] = []
         self._plateau = False
@@ -177,19 +231,43 @@ class Sleep(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        # Lightning reads this at every hook call (profiler names), so it is computed once: describe() inspects
-        # the strategy's signature, which cost ~30% of a small model's step time when done per hook.
+        # Only the strategy's name: a resume with changed settings finds its state and compares them (see
+        # `load_state_dict`) instead of silently starting over. Lightning reads this at every hook call
+        # (profiler names), so it is computed once.
         if self._state_key is None:
-            self._state_key = self._generate_state_key(
-                strategy=self.strategy.describe(), settings=repr(self.settings)
-            )
+            self._state_key = self._generate_state_key(strategy=self.strategy.name)
         return self._state_key
+
+    def _settings(self) -> dict[str, Any]:
+        """The settings a checkpoint records, as plain values (compared on resume)."""
+        return {
+            "strategy": self.strategy.describe(),
+            **{
+                k: getattr(self.settings, k)
+                for k in ("every_n_steps", "start_step", "stop_step", "custom_schedule")
+            },
+            **{k: getattr(self.settings, k) for k in ("horizon", "snapshot_every", "context")},
+            "optimizer_state": self.optimizer_state,
+            "check_batches": self.check_batches,
+            "tolerance": self.tolerance,
+            "layers": None if self.layer_names is None else list(self.layer_names),
+            "after_plateau": bool(self.after_plateau),
+            "monitor": self.monitor,
+            "monitor_mode": self.monitor_mode,
+            "plateau_window": self.plateau_window,
+            "plateau_delta": self.plateau_delta,
+            "seed": self.seed,
+            "buffer_device": None if self.buffer_device is None else str(self.buffer_device),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to sleep exactly as an uninterrupted one (plain tensors and lists)."""
         return {
-            "version": 1,
+            "version": STATE_VERSION,
+            "sleepbot_sleep": True,  # marks this entry of a checkpoint's callbacks as a Sleep state
+            "settings": self._settings(),
             "origin": self._origin,
+            "jumped": self._jumped,
             "last_step": self._last_step,
             "buffer_steps": [s for s, _ in self._buffer],
             "buffer": [{k: v.cpu() for k, v in snap.items()} for _, snap in self._buffer],
@@ -201,15 +279,26 @@ class Sleep(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != 1:
+        if state_dict.get("version") != STATE_VERSION:
             raise SleepbotError(
-                f"sleep state of version {state_dict.get('version')!r} is not readable; valid: 1"
+                f"sleep state of version {state_dict.get('version')!r} is not readable; valid: {STATE_VERSION}"
             )
+        saved, now = state_dict["settings"], self._settings()
+        for key in now:
+            if key not in RESUMABLE and saved.get(key) != now[key]:
+                raise SleepbotError(
+                    f"sleep setting {key} changed since the checkpoint: {saved.get(key)!r} there, {now[key]!r} "
+                    f"now; resume with {key}={saved.get(key)!r} (free to change: {', '.join(RESUMABLE)})"
+                )
+        changed = [k for k in RESUMABLE if saved.get(k) != now[k]]
+        if changed:
+            log.info("sleep resumes with changed settings: %s", ", ".join(changed))
         self._reset_state()
         self._origin = int(state_dict["origin"])
+        self._jumped = int(state_dict["jumped"])
         self._last_step = int(state_dict["last_step"])
         for step, snap in zip(state_dict["buffer_steps"], state_dict["buffer"]):
-            self._buffer.append((int(step), dict(snap)))
+            self._buffer.append((int(step), self._to_buffer(dict(snap))))
         for batch in state_dict["held"]:
             self._held.append(batch)
         self._val_history = [float(v) for v in state_dict["val_history"]]
@@ -217,6 +306,23 @@ class Sleep(pl.Callback):
         self.events = [dict(e) for e in state_dict["events"]]
         self.strategy.load_state_dict(state_dict["strategy"])
         self._restored = True
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning skips a callback whose state_key is not in the checkpoint without a word; a Sleep state that
+        # no Sleep callback of this run claims is a resume with another strategy.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, Sleep)}
+        for key, state in states.items():
+            if key not in claimed and isinstance(state, dict) and state.get("sleepbot_sleep"):
+                saved = state["settings"]["strategy"]
+                raise SleepbotError(
+                    f"sleep setting strategy changed since the checkpoint: {saved} there, "
+                    f"{self.strategy.describe()} now; resume with the checkpoint's strategy"
+                )
 
     # ---------------------------------------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -239,7 +345,7 @@ class Sleep(pl.Callback):
         self._origin = step
         self._last_step = step
         if self.strategy.moves_weights and self.context > 1:
-            self._buffer.append((step, self._snapshot()))
+            self._buffer.append((step, self._to_buffer(self._snapshot())))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -247,15 +353,27 @@ class Sleep(pl.Callback):
         if not self.strategy.moves_weights:
             return
         if self.check_batches:
-            self._held.append(batch)
+            self._held.append(
+                batch if self.buffer_device is None else move_data_to_device(batch, self.buffer_device)
+            )
         step = int(trainer.global_step)
         if step == self._last_step:  # gradient accumulation: no optimizer step since the last call
             return
         self._last_step = step
         if self.context > 1 and (step - self._origin) % self.snapshot_every == 0:
-            self._buffer.append((step, self._snapshot()))
+            self._buffer.append((step, self._to_buffer(self._snapshot())))
         go = bool(self.should_sleep(step))
-        if trainer.world_size > 1:  # rank 0 decides, so a rank-dependent policy cannot split the replicas
+        if trainer.world_size > 1:
+            # Rank 0 decides, so a rank-dependent policy cannot split the replicas. The schedule is the same on
+            # every rank, so the decision is exchanged only at the steps it names, not at every optimizer step.
+            if not self.schedule(step):
+                if go:
+                    # one message for every step, so that Python's warning filter shows it once
+                    rank_zero_warn(
+                        "Sleep.should_sleep is true at a step the schedule does not name; under DDP only scheduled "
+                        "steps are exchanged between ranks, so it is ignored (pass schedule=... instead)"
+                    )
+                return
             go = bool(trainer.strategy.broadcast(go, src=0))
         if go:
             self.sleep(trainer, pl_module, step)
@@ -269,9 +387,12 @@ class Sleep(pl.Callback):
         self._val_history.append(float(value))
         w = self.plateau_window
         if len(self._val_history) > w:
-            before = max(self._val_history[:-w])
-            recent = max(self._val_history[-w:])
-            self._plateau = recent - before < self.plateau_delta
+            before, recent = self._val_history[:-w], self._val_history[-w:]
+            if self.monitor_mode == "max":
+                improvement = max(recent) - max(before)
+            else:
+                improvement = min(before) - min(recent)
+            self._plateau = improvement < self.plateau_delta
 
     # ---------------------------------------------------------------------------------------------- policy
     def should_sleep(self, step: int) -> bool:
@@ -279,7 +400,8 @@ class Sleep(pl.Callback):
         never at the Trainer's last step (no training would follow the jump; the final evaluation would see
         untrained extrapolated weights).
 
-        Override this in a subclass for another policy; under DDP rank 0's answer is used on every rank.
+        Override this in a subclass for another policy; under DDP rank 0's answer is used on every rank, and it
+        counts only at the steps `schedule` names (an override can veto a scheduled sleep there, not add one).
         """
         if self._final_step and step >= self._final_step:
             return False
@@ -287,9 +409,17 @@ class Sleep(pl.Callback):
             return False
         return self._plateau or not self.after_plateau
 
-    # ---------------------------------------------------------------------------------------------- the jump
+    # ---------------------------------------------------------------------------------------------- snapshots
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: neuron_matrix(m) for name, m in self._layers.items()}  # {layer: [N, F]}
+        # {layer: [N, F]}, in the parameters' dtype
+        return {name: neuron_matrix(m) for name, m in self._layers.items()}
+
+    def _to_buffer(self, snap: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Snapshots keep the parameters' dtype (a bf16 model's history takes half the memory of float32; the
+        # upcast at each jump is exact).
+        if self.buffer_device is None:
+            return snap
+        return {k: v.to(self.buffer_device) for k, v in snap.items()}
 
     @staticmethod
     def _max_steps(trainer: pl.Trainer) -> int:
@@ -302,22 +432,14 @@ class Sleep(pl.Callback):
         # A fresh generator per sleep, seeded from (seed, step): a resumed run draws the same numbers.
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63))
 
-    @torch.no_grad()
-    def _held_loss(self, pl_module: pl.LightningModule) -> float:
-        """Mean loss over the held batches, in eval mode (no BatchNorm statistics or dropout side effects)."""
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            losses = [
-                float(self.loss_fn(pl_module, move_data_to_device(b, pl_module.device))) for b in self._held
-            ]
-        finally:
-            pl_module.train(was_training)
-        return sum(losses) / len(losses) if losses else math.nan
+    # ------------------------------------------------------------------------------------- held batches, BN
+    def _held_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, norms: list[nn.Module]) -> float:
+        return held_loss(trainer, pl_module, norms, self._held, self.loss_fn)
 
+    # ---------------------------------------------------------------------------------------------- the jump
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Rank 0's work: propose, check, apply-or-roll-back. Returns the decision (and new weights if accepted)."""
-        current = self._snapshot()
+        current = {k: _compute_dtype(v) for k, v in self._snapshot().items()}  # [N, F] each, float32/64
         rows = list(self._buffer)
         if not rows or rows[-1][0] != step:
             rows.append((step, current))  # the weights now are always the last row
@@ -337,7 +459,7 @@ class Sleep(pl.Callback):
         proposal: dict[str, torch.Tensor] = {}
         for name, module in self._layers.items():
             cur = current[name]
-            history = torch.stack([snap[name].to(cur.device) for _, snap in rows])  # [C, N, F]
+            history = torch.stack([snap[name].to(cur.device, cur.dtype) for _, snap in rows])  # [C, N, F]
             if not bool(torch.isfinite(history).all()):  # training has already diverged: nothing to forecast
                 out["reason"] = f"nonfinite: history of layer {name}"
                 return out
@@ -349,6 +471,7 @@ class Sleep(pl.Callback):
                 snapshot_every=self.snapshot_every,
                 progress=progress,
                 generator=gen,
+                jumped=self._jumped,
             )
             new = self.strategy.propose(history, self.horizon, ctx)
             if tuple(new.shape) != tuple(cur.shape):
@@ -359,56 +482,87 @@ class Sleep(pl.Callback):
             if not bool(torch.isfinite(new).all()):
                 out["reason"] = f"nonfinite: layer {name}"
                 return out
-            proposal[name] = new.to(cur.dtype)
+            proposal[name] = new.to(cur.device, cur.dtype)
         moved = sum(float((proposal[n] - current[n]).pow(2).sum()) for n in proposal)
         total = sum(float(current[n].pow(2).sum()) for n in proposal)
         out["rel_jump"] = math.sqrt(moved / total) if total > 0 else 0.0
-        if self.check_batches and self._held:
-            out["loss_before"] = self._held_loss(pl_module)
+        checked = bool(self.check_batches and self._held)
+        norms = norm_layers(trainer, pl_module) if checked else []
+        saved_norms = norm_state(norms)
+        if checked:
+            out["loss_before"] = self._held_loss(trainer, pl_module, norms)
         self._write(proposal)
-        if self.check_batches and self._held:
-            after = self._held_loss(pl_module)
+        if checked:
+            after = self._held_loss(
+                trainer, pl_module, norms
+            )  # re-estimates BN statistics for the new weights
             out["loss_after"] = after
             limit = out["loss_before"] * (1.0 + self.tolerance)
             if not math.isfinite(after) or after > limit:
-                self._write(current)  # roll back
+                self._write(current)  # roll back, statistics included, bit for bit
+                set_norm_state(norms, saved_norms)
                 out["reason"] = f"loss: {after:.4g} > {limit:.4g}"
                 return out
         out.update(accepted=True, reason="ok", weights=proposal, old=current)
+        if norms:
+            out["norms"] = norm_state(norms)
+            out["norm_names"] = self._norm_names(pl_module, norms)
         return out
+
+    @staticmethod
+    def _norm_names(pl_module: pl.LightningModule, norms: list[nn.Module]) -> list[str]:
+        names = {m: n for n, m in pl_module.named_modules()}
+        return [names[m] for m in norms]
 
     def _write(self, matrices: dict[str, torch.Tensor]) -> None:
         for name, module in self._layers.items():
-            set_neuron_matrix(module, matrices[name])
+            set_neuron_matrix(module, matrices[name])  # cast to the parameter's dtype, in its memory format
 
     def sleep(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Sleep now: propose, check, apply (or reject), log. Called by the hook when `should_sleep(step)`."""
         t0 = time.perf_counter()
         world = trainer.world_size
+        decision: dict[str, Any] = {}
         if trainer.is_global_zero:
-            decision = self._decide(trainer, pl_module, step)
-        else:
-            decision = {}
+            try:
+                decision = self._decide(trainer, pl_module, step)
+            except BaseException as e:
+                if world > 1:  # tell the other ranks, which wait for the decision, to stop too
+                    trainer.strategy.broadcast({"error": f"{type(e).__name__}: {e}"}, src=0)
+                raise
         if world > 1:
             # Replicas receive rank 0's decision and weights (as CPU tensors; broadcast pickles them).
-            payload = {k: v for k, v in decision.items() if k not in ("weights", "old")}
+            payload = {k: v for k, v in decision.items() if k not in ("weights", "old", "norms")}
             if decision.get("accepted"):
                 payload["weights"] = {k: v.cpu() for k, v in decision["weights"].items()}
+                if "norms" in decision:
+                    payload["norms"] = [{k: v.cpu() for k, v in s.items()} for s in decision["norms"]]
             payload = trainer.strategy.broadcast(payload if trainer.is_global_zero else None, src=0)
+            if "error" in payload:
+                raise SleepbotError(f"rank 0 failed while sleeping at step {step}: {payload['error']}")
             if not trainer.is_global_zero:
                 decision = dict(payload)
                 if decision.get("accepted"):
-                    decision["old"] = self._snapshot()
+                    decision["old"] = {k: _compute_dtype(v) for k, v in self._snapshot().items()}
                     self._write(decision["weights"])
+                    if "norms" in decision:
+                        modules = dict(pl_module.named_modules())
+                        norms = [modules[n] for n in decision["norm_names"]]
+                        set_norm_state(norms, decision["norms"])
         if decision["accepted"]:
-            new = self._snapshot()  # what the layers hold now, on their device
+            new = self._snapshot()  # what the layers hold now, on their device, in their dtype
             adjust_optimizer_state(
-                trainer.optimizers, self._layers, decision["old"], new, self.optimizer_state
+                trainer.optimizers,
+                self._layers,
+                decision["old"],
+                {k: _compute_dtype(v) for k, v in new.items()},
+                self.optimizer_state,
             )
             self._buffer.clear()
             self._origin = step
+            self._jumped += self.horizon * self.snapshot_every
             if self.context > 1:
-                self._buffer.append((step, new))
+                self._buffer.append((step, self._to_buffer(new)))
         event = {
             "step": int(step),
             "strategy": self.strategy.name,

@@ -10,6 +10,21 @@ Three policies, for the parameters of the layers that were moved (other paramete
   the jump (r^2 for second moments: Adam's `exp_avg_sq` and `max_exp_avg_sq`, RMSprop's `square_avg`,
   Adagrad's `sum`), so the state keeps its size relative to a neuron whose scale the jump changed (noise,
   square_normalize). For a forecast jump r is close to 1 and this is close to `keep`.
+
+Schedule-Free optimizers (schedulefree's AdamWScheduleFree and kin, told apart by `is_schedule_free`) keep two
+sequences and the parameters show a mix of them. Their per-parameter state is `z` (the base sequence) and
+`exp_avg_sq`; the averaged point x is implicit. In train mode the parameters hold y = (1 - beta1) z + beta1 x,
+in eval mode they hold x (`eval()` computes x = y + (1 - 1/beta1) (z - y)). Each step pulls y towards z
+(y <- y + c (z - y) + ...), so a jump that moved the parameters alone would be partly undone at the next step,
+and x would move by delta / beta1 instead of delta. So for these optimizers the jump of delta = new - old is
+carried into the sequences, whatever the mode the parameters are in:
+
+- `keep`: z += delta. With the parameters moved by delta too, x, y and z all move by delta: the next step is
+  the one the optimizer would take had the trajectory been at the jumped point all along.
+- `reset`: z = the new weights, so x = y = z (in eval mode too): the average is forgotten and restarts at the
+  jump. `exp_avg_sq` is kept, because Schedule-Free's bias correction counts steps per group, not per
+  parameter: a zeroed second moment would make the next update about lr / sqrt(1 - beta2) (~32 lr) per weight.
+- `rescale`: z += delta (as `keep`), and `exp_avg_sq` times r^2 per neuron, as for Adam.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import torch
 from torch import nn
 
 from sleepbot.errors import SleepbotError
+from sleepbot.models import is_schedule_free
 from sleepbot.neurons import has_bias
 
 OPTIMIZER_STATE_POLICIES = ("keep", "reset", "rescale")
@@ -44,6 +60,9 @@ def adjust_optimizer_state(
 ) -> None:
     """Apply `policy` to the state of every parameter (weight and bias) of the moved layers.
 
+    Call it after the new weights are written into the layers. A Schedule-Free optimizer's sequences are moved
+    with the jump under every policy (see the module docstring).
+
     Args:
         optimizers: the trainer's optimizers.
         layers: the moved layers by name.
@@ -52,18 +71,19 @@ def adjust_optimizer_state(
         policy: `keep`, `reset` or `rescale`.
     """
     check_policy(policy)
-    if policy == "keep":
-        return
     for opt in optimizers:
+        if is_schedule_free(opt):
+            _adjust_schedule_free(opt, layers, old, new, policy)
+            continue
+        if policy == "keep":
+            continue
         for name, module in layers.items():
             params = [module.weight] + ([module.bias] if has_bias(module) else [])
             if policy == "reset":
                 for p in params:
                     opt.state.pop(p, None)
                 continue
-            n_old = old[name].norm(dim=1)  # [N]
-            n_new = new[name].to(n_old.device).norm(dim=1)
-            ratio = torch.where(n_old > 0, n_new / n_old.clamp_min(torch.finfo(n_old.dtype).tiny), 1.0)
+            ratio = _norm_ratio(old[name], new[name])
             for p in params:
                 state = opt.state.get(p)
                 if not state:
@@ -72,3 +92,48 @@ def adjust_optimizer_state(
                 for key, value in state.items():
                     if torch.is_tensor(value) and value.shape == p.shape:
                         value.mul_(r * r if key in _SECOND_MOMENTS else r)
+
+
+def _norm_ratio(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Per neuron ||new|| / ||old||, [N] (1 where the old neuron was all zeros)."""
+    n_old = old.norm(dim=1)  # [N]
+    n_new = new.to(n_old.device).norm(dim=1)
+    return torch.where(n_old > 0, n_new / n_old.clamp_min(torch.finfo(n_old.dtype).tiny), 1.0)
+
+
+def _param_deltas(
+    module: nn.Module, old: torch.Tensor, new: torch.Tensor
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, new - old in that parameter's shape) for the layer's weight and bias."""
+    delta = new.to(old.device) - old  # [N, fan_in (+1)]
+    weight = module.weight
+    fan_in = weight[0].numel()
+    out = [(weight, delta[:, :fan_in].reshape(weight.shape))]  # [N, C_in, *kernel]
+    if has_bias(module):
+        out.append((module.bias, delta[:, fan_in]))
+    return out
+
+
+def _adjust_schedule_free(
+    opt: torch.optim.Optimizer,
+    layers: dict[str, nn.Module],
+    old: dict[str, torch.Tensor],
+    new: dict[str, torch.Tensor],
+    policy: str,
+) -> None:
+    for name, module in layers.items():
+        ratio = _norm_ratio(old[name], new[name]) if policy == "rescale" else None
+        for p, delta in _param_deltas(module, old[name], new[name]):
+            state = opt.state.get(p)
+            z = state.get("z") if state else None
+            if z is None:  # never stepped: z will start at the parameter's (new) value
+                continue
+            if policy == "reset":
+                z.copy_(p.detach())
+            else:
+                z.add_(delta.to(z.device, z.dtype))
+            if ratio is not None:
+                r = ratio.to(z.device, z.dtype).view(-1, *([1] * (p.dim() - 1)))  # [N, 1, ...]
+                for key in _SECOND_MOMENTS:
+                    if torch.is_tensor(state.get(key)) and state[key].shape == p.shape:
+                        state[key].mul_(r * r)

@@ -10,7 +10,7 @@ Every strategy works on one layer: `history` [C, N, F] (oldest first, `history[-
 | `noise`            | w + alpha * abs(w) * eps, eps ~ N(0, 1) per weight                                         |
 | `square_normalize` | per neuron: sign(w) * w^2, rescaled to the neuron's own L2 norm (bias included)           |
 | `lookahead`        | Lookahead (Zhang et al. 2019): slow + alpha * (fast - slow), every k steps                |
-| `oracle`           | the weights a recorded run (same seed, no sleep) had `horizon` snapshots later            |
+| `oracle`           | the weights a recorded run (same seed, no sleep) had `horizon` snapshots further on       |
 | `random`           | a jump of the same per-layer size as another strategy's (default linear), random direction |
 """
 
@@ -235,11 +235,13 @@ class Learned(SleepStrategy):
 @register_strategy("oracle")
 class Oracle(SleepStrategy):
     """The control with perfect foresight: at each sleep at step t, jump to the weights that a recorded run of the
-    same config and seed without sleep had at step t + horizon * snapshot_every (its HDF5 run file, read through
-    sleepbot.store).
+    same config and seed without sleep had at step t + jumped + horizon * snapshot_every (its HDF5 run file, read
+    through sleepbot.store), where `jumped` (LayerContext) counts the steps earlier accepted jumps skipped: after
+    two jumps of 50 steps, at step 100 the weights are the recorded step 200's, not 150's.
 
-    If that step was not recorded, the latest recorded snapshot before it is used; a sleep past the end of the
-    recording leaves the weights as they are. Neurons the recorder did not keep (layers wider than its
+    If that step was not recorded, the latest recorded snapshot before it is used (`jumped` still counts the
+    nominal horizon * snapshot_every for that jump); a sleep past the end of the recording leaves the weights as
+    they are. Neurons the recorder did not keep (layers wider than its
     `max_neurons_per_layer`) stay where they are.
 
     Args:
@@ -285,8 +287,9 @@ class Oracle(SleepStrategy):
                 "the oracle strategy was used before setup(); use it through the Sleep callback"
             )
         cur = history[-1]
-        target = self._index_at_or_before(ctx.step + horizon * ctx.snapshot_every)
-        if target is None or self._steps[target] <= ctx.step:
+        now_step = ctx.step + ctx.jumped  # the recorded run's step that the weights now stand for
+        target = self._index_at_or_before(now_step + horizon * ctx.snapshot_every)
+        if target is None or self._steps[target] <= now_step:
             return cur.clone()
         if ctx.layer not in self._file.layers:
             raise SleepbotError(
@@ -304,10 +307,11 @@ class Oracle(SleepStrategy):
         if self.mode == "absolute":
             out[rows] = future
         else:
-            now = self._index_at_or_before(ctx.step)
-            if now is None or self._steps[now] != ctx.step:
+            now = self._index_at_or_before(now_step)
+            if now is None or self._steps[now] != now_step:
                 raise SleepbotError(
-                    f"oracle mode 'displacement' needs a recorded snapshot at step {ctx.step}"
+                    f"oracle mode 'displacement' needs a recorded snapshot at step {now_step} "
+                    f"(step {ctx.step} + {ctx.jumped} skipped by earlier jumps)"
                 )
             present = torch.as_tensor(self._file.weights(ctx.layer, snapshots=[now]))[0]
             out[rows] = cur[rows] + future - present.to(dtype=cur.dtype, device=cur.device)

@@ -1,0 +1,102 @@
+"""The oracle control in real Trainers: each jump lands where the recorded no-sleep run is, counting the steps that
+earlier jumps skipped, also across a checkpoint resume."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from test_sleep_helpers import TinyNet, digits_loader, digits_tensors, trainer
+
+from sleepbot.neurons import neuron_layers, neuron_matrix
+from sleepbot.sleep import Sleep
+
+pytest.importorskip("h5py")
+
+SLEEPS = (6, 12, 18)  # every 6 steps, each jump 2 snapshots of 2 steps = 4 steps ahead
+
+
+class StepKeyedNet(TinyNet):
+    """Trains on the batch chosen by the global step (a resumed run sees the same data as an uninterrupted one)."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = digits_tensors(256)
+        i = self.trainer.global_step % 8 * 32
+        return x[i : i + 32], y[i : i + 32]
+
+
+class AfterSleep(pl.Callback):
+    """The neuron matrices right after Sleep ran at each of its sleep steps (placed after Sleep)."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in SLEEPS:
+            self.at[trainer.global_step] = {n: neuron_matrix(m) for n, m in neuron_layers(pl_module).items()}
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A recorded no-sleep run of StepKeyedNet (seed 0), a snapshot every 2 steps up to 40: {step: {layer: [N, F]}}."""
+    from sleepbot.recording import TrajectoryRecorder
+    from sleepbot.store import RunFile
+
+    path = tmp_path_factory.mktemp("oracle") / "plain.h5"
+    pl.seed_everything(0, verbose=False)
+    trainer(40, [TrajectoryRecorder(path, every_n_steps=2)]).fit(StepKeyedNet(), digits_loader())
+    with RunFile(path) as run:
+        steps = [int(s) for s in run.snapshot_steps]
+        by_layer = {layer: torch.as_tensor(run.weights(layer)) for layer in run.layers}  # [S, N, F]
+    return path, {s: {k: w[i] for k, w in by_layer.items()} for i, s in enumerate(steps)}
+
+
+def _oracle(path) -> Sleep:
+    return Sleep("oracle", run=str(path), every_n_steps=6, horizon=2, snapshot_every=2)
+
+
+def _events(cb: Sleep) -> list[dict]:
+    """The events without their timing, NaN losses (no check batches) as a string so that they compare equal."""
+    return [{k: "nan" if v != v else v for k, v in e.items() if k != "seconds"} for e in cb.events]
+
+
+def _fit(callbacks, max_steps, seed=0, **kw):
+    pl.seed_everything(seed, verbose=False)
+    module = StepKeyedNet()
+    trainer(max_steps, callbacks, **kw).fit(module, digits_loader())
+    return module
+
+
+def test_each_jump_lands_on_step_plus_jumped_plus_horizon(recorded):
+    path, snaps = recorded
+    cb, after = _oracle(path), AfterSleep()
+    _fit([cb, after], max_steps=24)
+    assert [(e["step"], e["accepted"]) for e in cb.events] == [(6, True), (12, True), (18, True)]
+    # jumped = 0, 4, 8 before the three jumps: targets 10, 20, 30 (not 10, 16, 22 as without counting them)
+    for step, target in zip(SLEEPS, (10, 20, 30)):
+        for layer, want in snaps[target].items():
+            assert torch.equal(after.at[step][layer], want.to(after.at[step][layer].dtype)), (step, layer)
+    assert not torch.equal(after.at[12]["head"], snaps[16]["head"])
+
+
+def test_resumed_oracle_jumps_to_the_same_targets(recorded, tmp_path):
+    path, snaps = recorded
+    full_cb, full_after = _oracle(path), AfterSleep()
+    full = _fit([full_cb, full_after], max_steps=24)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=15, save_top_k=-1)
+    _fit([_oracle(path), ckpt], max_steps=15, enable_checkpointing=True)  # two jumps (8 steps) before it
+    (ckpt_path,) = tmp_path.glob("*step=15.ckpt")
+    resumed_cb, resumed_after = _oracle(path), AfterSleep()
+    pl.seed_everything(123, verbose=False)  # a different seed: everything must come from the checkpoint
+    module = StepKeyedNet()
+    trainer(24, [resumed_cb, resumed_after]).fit(module, digits_loader(), ckpt_path=ckpt_path)
+
+    assert list(resumed_after.at) == [18]
+    for layer, want in snaps[30].items():
+        assert torch.equal(resumed_after.at[18][layer], full_after.at[18][layer]), layer
+        assert torch.equal(resumed_after.at[18][layer], want.to(resumed_after.at[18][layer].dtype)), layer
+    assert _events(resumed_cb) == _events(full_cb)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, module.state_dict()[k]), k
