@@ -6,12 +6,21 @@ Conventions (the protocol of AlgoPerf and NiNo, see PRIOR_ART.md):
 - speedup of an arm over the baseline: median baseline steps / median arm steps (> 1 is faster), with a bootstrap
   CI over seeds resampled in pairs (the same seeds run in every arm);
 - the paired test is Wilcoxon's signed-rank test on per-seed step differences.
+
+Confidence intervals are scipy.stats.bootstrap's BCa intervals (bias-corrected and accelerated), with a fixed
+random state so the same numbers give the same interval. Three cases BCa cannot handle are decided here, the same
+way for every statistic (see `_bootstrap`): one observation has no interval (NaN); a bootstrap distribution with a
+single value (every seed alike, or every pair in the same ratio) gives that value as both ends; and ties that leave
+BCa's acceleration 0 / 0 fall back to the percentile interval of the same resamples. Steps to target are multiples
+of the validation interval, so that last case is common for medians of steps.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,33 +45,87 @@ def steps_to_target(
     return float(steps_a[hit[0]]) if hit.size else float(miss_factor * budget)
 
 
+def _bootstrap(
+    samples: tuple[np.ndarray, ...],
+    statistic: Callable[..., Any],
+    n_boot: int,
+    level: float,
+    seed: int,
+) -> tuple[float, float]:
+    """BCa interval of `statistic(*samples)`, resampling the samples' observations together (paired).
+
+    The cases BCa leaves undefined, in order: fewer than 2 observations, or a NaN among the bootstrap values (the
+    statistic is undefined on some resamples): (NaN, NaN); one value in the whole bootstrap distribution: that
+    value twice; BCa's own NaN (ties make its jackknife acceleration 0 / 0): the percentile interval of the same
+    resamples.
+    """
+    from scipy.stats import bootstrap
+
+    if samples[0].size < 2:
+        return float("nan"), float("nan")
+    common = dict(
+        paired=len(samples) > 1,
+        vectorized=None,  # statistics that take `axis` (np.median does) get all resamples at once
+        confidence_level=level,
+        random_state=np.random.default_rng(seed),  # `rng` from scipy 1.15; this spelling works from 1.10
+    )
+    with warnings.catch_warnings():
+        # BCa on a degenerate sample warns before returning NaN; the NaN is handled below.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*BCa confidence interval cannot be calculated.*")
+        res = bootstrap(samples, statistic, n_resamples=n_boot, method="BCa", **common)
+    dist = np.asarray(res.bootstrap_distribution, dtype=float)
+    if np.isnan(dist).any():
+        return float("nan"), float("nan")
+    if dist.min() == dist.max():
+        return float(dist[0]), float(dist[0])
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if np.isnan(lo) or np.isnan(hi):
+        res = bootstrap(
+            samples, statistic, n_resamples=0, bootstrap_result=res, method="percentile", **common
+        )
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return lo, hi
+
+
 def bootstrap_ci(
     values: Sequence[float],
-    stat: Callable[[np.ndarray], float] = np.median,
+    stat: Callable[..., float] = np.median,
     n_boot: int = 2000,
     level: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of `stat(values)`; deterministic for a given seed."""
+    """BCa bootstrap confidence interval of `stat(values)` (scipy.stats.bootstrap); deterministic for a seed.
+
+    Args:
+        values: the sample (one value per seed).
+        stat: the statistic; one that takes `axis` is evaluated on all resamples at once.
+        n_boot: resamples.
+        level: confidence level.
+        seed: the resampling's random state.
+
+    Returns:
+        (lo, hi). Fewer than 2 values have no interval: (NaN, NaN), so one seed never gets a CI. A sample whose
+        resamples all give the same statistic (all values equal) returns that value as both ends; when ties leave
+        BCa undefined, the percentile interval of the same resamples is returned.
+    """
     x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    boots = np.array([stat(x[i]) for i in idx])
-    alpha = (1.0 - level) / 2
-    return float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+    return _bootstrap((x,), stat, n_boot, level, seed)
 
 
 @dataclass
 class Speedup:
-    """Median-steps ratio baseline / arm with a paired bootstrap CI, and the Wilcoxon p-value."""
+    """Median-steps ratio baseline / arm with a paired BCa bootstrap CI, and the Wilcoxon p-value."""
 
     ratio: float
     lo: float
     hi: float
     p_value: float
     n: int
+
+
+def _median_ratio(b: np.ndarray, a: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.median(b, axis=axis) / np.median(a, axis=axis)
 
 
 def paired_speedup(
@@ -72,23 +135,17 @@ def paired_speedup(
     level: float = 0.95,
     seed: int = 0,
 ) -> Speedup:
-    """Speedup of an arm over the baseline on the same seeds (index i of both lists is the same seed)."""
+    """Speedup of an arm over the baseline on the same seeds (index i of both lists is the same seed).
+
+    The CI is a BCa bootstrap interval that resamples seeds, each with both of its runs (`paired=True`), so a
+    seed that is slow in both arms moves numerator and denominator together. With one seed, lo and hi are NaN.
+    """
     b = np.asarray(base_steps, dtype=float)
     a = np.asarray(arm_steps, dtype=float)
     if b.shape != a.shape or b.ndim != 1:
         raise ValueError(f"paired samples must be 1-D and of equal length, got {b.shape} and {a.shape}")
-    ratio = float(np.median(b) / np.median(a))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, b.size, size=(n_boot, b.size))
-    boots = np.median(b[idx], axis=1) / np.median(a[idx], axis=1)
-    alpha = (1.0 - level) / 2
-    return Speedup(
-        ratio=ratio,
-        lo=float(np.quantile(boots, alpha)),
-        hi=float(np.quantile(boots, 1 - alpha)),
-        p_value=wilcoxon_p(b, a),
-        n=int(b.size),
-    )
+    lo, hi = _bootstrap((b, a), _median_ratio, n_boot, level, seed)
+    return Speedup(ratio=float(_median_ratio(b, a)), lo=lo, hi=hi, p_value=wilcoxon_p(b, a), n=int(b.size))
 
 
 def wilcoxon_p(x: Sequence[float], y: Sequence[float]) -> float:
@@ -121,7 +178,7 @@ def curve_auc(steps: Sequence[float], values: Sequence[float]) -> float:
 
 @dataclass
 class Summary:
-    """Median of a sample with its bootstrap confidence interval."""
+    """Median of a sample with its BCa bootstrap confidence interval (NaN ends for fewer than 2 values)."""
 
     median: float
     lo: float
@@ -130,13 +187,21 @@ class Summary:
 
 
 def summarize(values: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Summary:
-    """Median and percentile-bootstrap CI of `values` (NaNs dropped); all NaN when nothing is left."""
+    """Median and BCa bootstrap CI of `values` (NaNs dropped; see `bootstrap_ci`); all NaN when nothing is left."""
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
     if x.size == 0:
         return Summary(float("nan"), float("nan"), float("nan"), 0)
     lo, hi = bootstrap_ci(x, n_boot=n_boot, level=level, seed=seed)
     return Summary(float(np.median(x)), lo, hi, int(x.size))
+
+
+def _oracle_fraction(b: np.ndarray, a: np.ndarray, o: np.ndarray, axis: int = -1) -> np.ndarray:
+    """(med b - med a) / (med b - med o), NaN where the oracle saves nothing (med o >= med b)."""
+    mb, ma, mo = np.median(b, axis=axis), np.median(a, axis=axis), np.median(o, axis=axis)
+    gain = mb - mo
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(gain > 0, (mb - ma) / np.where(gain > 0, gain, 1.0), np.nan)
 
 
 def fraction_of_oracle(
@@ -150,30 +215,23 @@ def fraction_of_oracle(
     """An arm's step saving as a fraction of the oracle's: (med base - med arm) / (med base - med oracle).
 
     1.0 means the arm saves as many steps as jumping to the run's own recorded future; 0 means it saves nothing;
-    negative means it costs steps. The three lists are paired by seed; the CI resamples seeds in triples.
-    Returns (value, lo, hi); NaN where the oracle saves no steps (the ratio is undefined).
+    negative means it costs steps. The three lists are paired by seed; the BCa CI resamples seeds in triples.
+
+    Returns:
+        (value, lo, hi). The value is NaN where the oracle saves no steps (the ratio is undefined). lo and hi are
+        NaN as well with one seed, and when the oracle saves nothing in some resamples: the ratio is unbounded
+        there, so no finite interval covers it.
     """
     b, a, o = (np.asarray(x, dtype=float) for x in (base_steps, arm_steps, oracle_steps))
     if not (b.shape == a.shape == o.shape) or b.ndim != 1 or b.size == 0:
         raise ValueError(
             f"paired samples must be 1-D and of equal length, got {b.shape}, {a.shape}, {o.shape}"
         )
-
-    def frac(bb: np.ndarray, aa: np.ndarray, oo: np.ndarray) -> np.ndarray:
-        mb, ma, mo = np.median(bb, axis=-1), np.median(aa, axis=-1), np.median(oo, axis=-1)
-        gain = mb - mo
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(gain > 0, (mb - ma) / np.where(gain > 0, gain, 1.0), np.nan)
-
-    value = float(frac(b, a, o))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, b.size, size=(n_boot, b.size))
-    boots = frac(b[idx], a[idx], o[idx])  # [n_boot]
-    boots = boots[~np.isnan(boots)]
-    if boots.size == 0 or np.isnan(value):
+    value = float(_oracle_fraction(b, a, o))
+    if np.isnan(value):
         return value, float("nan"), float("nan")
-    alpha = (1.0 - level) / 2
-    return value, float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+    lo, hi = _bootstrap((b, a, o), _oracle_fraction, n_boot, level, seed)
+    return value, lo, hi
 
 
 def align_curves(curves: Sequence[tuple[Sequence[float], Sequence[float]]]) -> tuple[np.ndarray, np.ndarray]:

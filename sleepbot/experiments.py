@@ -3,6 +3,12 @@
 Workers are started by a forkserver that has already imported torch and Lightning, so each worker pays that
 import once (about 10 s on a small machine) rather than once per run, and each worker uses one torch thread:
 on a machine with P cores, P workers with one thread each finish a grid faster than one run with P threads.
+
+The thread count is part of a run's numbers: MKL splits a matrix product (the Linear layers' weight gradient)
+differently for 1 and 2 threads, so the same run trained with 2 threads drifts from its 1-thread twin by an ulp
+in a few steps and can end on another validation step. Every task therefore runs with `threads_per_worker` torch
+threads (1), in a worker process or, with `workers=1` or a single task, in this process (pinned for the task's
+duration, then restored), so a grid's numbers do not depend on the worker count or the machine's core count.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,20 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
         return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the body with `n` torch intra-op threads, then restore the previous count (None: leave it alone)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _init_worker(threads: int) -> None:
@@ -57,12 +78,14 @@ def iter_parallel(
     """Run `fn(**task)` for every task; yield `(index, ok, result_or_error)` as each finishes.
 
     `fn` must be a module-level function (it is pickled by name). With `workers=1` (or a single task) the tasks run
-    in this process, one after another, which keeps tracebacks and debuggers usable.
+    in this process, one after another, which keeps tracebacks and debuggers usable. Either way a task sees
+    `threads_per_worker` torch threads, so its result does not depend on where it ran (see the module docstring).
     """
     workers = default_workers() if workers is None else max(1, workers)
     if workers == 1 or len(tasks) <= 1:
         for i, task in enumerate(tasks):
-            ok, out = _call(fn, task)
+            with torch_threads(threads_per_worker):
+                ok, out = _call(fn, task)
             yield i, ok, out
         return
     ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
@@ -89,6 +112,7 @@ def run_parallel(
     workers: int | None = None,
     desc: str = "runs",
     progress: bool | None = None,
+    threads_per_worker: int = 1,
 ) -> list[tuple[bool, Any]]:
     """Like `iter_parallel`, collected in task order, with a progress bar over tasks on an interactive terminal."""
     if progress is None:
@@ -100,7 +124,7 @@ def run_parallel(
 
         bar = tqdm(total=len(tasks), desc=desc, unit="run", file=sys.stderr)
     try:
-        for i, ok, out in iter_parallel(fn, tasks, workers):
+        for i, ok, out in iter_parallel(fn, tasks, workers, threads_per_worker):
             results[i] = (ok, out)
             if bar is not None:
                 bar.update(1)

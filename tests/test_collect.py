@@ -218,3 +218,30 @@ def test_collect_cli_rejects_bad_shard(tmp_path, capsys):
     )
     assert code == 2 and "need 1 <= K <= N" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_curves_do_not_depend_on_the_worker_count(tiny_config):
+    # A run trained with 2 torch threads drifts from its 1-thread twin within a few dozen steps (MKL splits the
+    # Linear layer's weight gradient by thread count), so this fails if the in-process path (workers=1) kept this
+    # process's 2 threads while the workers use 1.
+    import torch
+
+    from sleepbot.experiments import run_parallel, train_task
+
+    tiny_config.trainer.max_steps = 60
+    tasks = []
+    for seed in (0, 1):
+        tiny_config.seed = seed
+        tasks.append({"config": tiny_config.to_dict()})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        serial = run_parallel(train_task, tasks, workers=1, progress=False)
+        assert torch.get_num_threads() == 2  # restored after the tasks
+        pooled = run_parallel(train_task, tasks, workers=2, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    for (ok_s, s), (ok_p, p) in zip(serial, pooled):
+        assert ok_s and ok_p, (s, p)
+        assert s["val_step"] == p["val_step"] and s["val_acc"] == p["val_acc"]
+        assert s["val_loss"] == p["val_loss"]  # bit for bit

@@ -181,7 +181,11 @@ class ForecasterTrainConfig:
         holdout: runs whose attributes match go to test only (e.g. {'arch': 'mlp'}).
         val_stride: spacing of end snapshots in validation.
         split_seed: seed of the run split; seed: of the model init and window sampling.
-        num_workers: DataLoader workers (each opens the HDF5 files itself).
+        num_workers: DataLoader workers (each opens the HDF5 files itself). Part of the numbers: each worker draws
+            its own share of the windows, so another count trains on other windows in another order.
+        threads: torch intra-op threads while training (None: leave torch's setting). The count changes how MKL
+            splits matrix products, so the default 1 gives the same forecaster on every machine; more threads train
+            faster but their forecaster differs in the last bits, and so do the runs that sleep with it.
     """
 
     model: str = "lstm"
@@ -203,6 +207,7 @@ class ForecasterTrainConfig:
     split_seed: int = 0
     seed: int = 0
     num_workers: int = 0
+    threads: int | None = 1
 
 
 @dataclass
@@ -282,7 +287,13 @@ def fit_one(
     else:
         kwargs["limit_val_batches"] = 0
     trainer = pl.Trainer(**kwargs)
-    trainer.fit(module, train_dataloaders=_loader(train, cfg), val_dataloaders=val_loader)
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        trainer.fit(module, train_dataloaders=_loader(train, cfg), val_dataloaders=val_loader)
+    finally:
+        torch.set_num_threads(before)
 
     def scores() -> dict[str, float]:
         # callback_metrics, not module.val_scores: under ddp_spawn the module that validated lived in a child
