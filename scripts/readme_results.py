@@ -5,7 +5,7 @@
     python scripts/readme_results.py --out demo_out/compare --table ... --figure ...   # `make demo`'s numbers
 
 With --config the comparison runs first (resumable: finished runs are reused); without it, the results already in
---out (results.json) are used as they are. Writes the Markdown table (the one `sleepbot report` puts at the top of report.md), the learning-curve
+--out (results.json) are used as they are. Writes the Markdown tables (sleepbot.compare.format_table, the one renderer), the learning-curve
 figure (median + interquartile band per arm, sleeps marked) and a small JSON with the numbers, and prints the table.
 """
 
@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from sleepbot.compare import compare, format_table, load_compare_config, load_results
-    from sleepbot.report import headline_table
     from sleepbot.viz.curves import plot_learning_curves
 
     t0 = time.time()
@@ -38,24 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         results = compare(load_compare_config(args.config, seeds=args.seeds), args.out, workers=args.workers)
     else:
         results = load_results(args.out)
-    n_seeds, miss = len(results["config"]["seeds"]), results["config"]["miss_factor"]
-    lines = []
-    for wname, w in results["workloads"].items():
-        t = w.get("tuning") or {}
-        grid = t.get("grid")
-        lr = f"Adam lr {t['lr']:g}" + (
-            f", tuned on {', '.join(f'{x:g}' for x in grid)}" if grid else " (NOT tuned)"
-        )
-        lines.append(
-            f"**{wname}**: {n_seeds} paired seeds, target val acc {w['target']:.4f} ({w['target_source']}), "
-            f"budget {w['budget']} steps (a miss counts as {miss:g}x), {lr}.\n"
-        )
-        header, rows = headline_table(w)
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join("---" for _ in header) + "|")
-        lines.extend("| " + " | ".join(r) + " |" for r in rows)
-        lines.append("")
     config = f"--config {args.config} " if args.config else ""
+    lines = [format_table(results, markdown=True)]
     lines.append(f"_Produced by `python scripts/readme_results.py {config}--out {args.out} ...`._")
     table = Path(args.table)
     table.parent.mkdir(parents=True, exist_ok=True)

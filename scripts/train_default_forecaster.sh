@@ -20,6 +20,6 @@ THREADS=${THREADS:-2}
 
 [ -f "$DIGITS/manifest.json" ] || $SLEEPBOT collect --config configs/collect_digits.yaml --out "$DIGITS"
 $SLEEPBOT train-forecaster --data "$DIGITS" --out "$OUT" --max-steps 3000 --threads "$THREADS" --overwrite
-$SLEEPBOT evaluate-forecaster --model "$OUT" --data "$DIGITS" --by lr --json "${OUT%.pt}_digits_test.json" --overwrite
+$SLEEPBOT evaluate-forecaster --forecaster "$OUT" --data "$DIGITS" --by lr --json "${OUT%.pt}_digits_test.json" --overwrite
 [ -f "$MNIST1D/manifest.json" ] || $SLEEPBOT collect --config configs/collect_mnist1d.yaml --out "$MNIST1D"
-$SLEEPBOT evaluate-forecaster --model "$OUT" --data "$MNIST1D" --by lr --json "${OUT%.pt}_mnist1d.json" --overwrite
+$SLEEPBOT evaluate-forecaster --forecaster "$OUT" --data "$MNIST1D" --by lr --json "${OUT%.pt}_mnist1d.json" --overwrite

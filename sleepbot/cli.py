@@ -36,6 +36,15 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", metavar="PATH", help="also write the run's result (curve, test acc, timings) as JSON"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+
+
+def _check_new_file(path: str | None, overwrite: bool, flag: str) -> None:
+    """Refuse, before any work, to write over an existing file without --overwrite."""
+    import os
+
+    if path and os.path.exists(path) and not overwrite:
+        raise SleepbotError(f"{flag} {path!r} exists; pass --overwrite to replace it")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -45,6 +54,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    _check_new_file(args.json, args.overwrite, "--json")
     from sleepbot.training import run_training
 
     result = run_training(cfg)
@@ -68,28 +78,61 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, help="override the number of seeds")
     p.add_argument("--workers", type=int, help="parallel worker processes (default: one per core)")
     p.add_argument(
-        "--overwrite", action="store_true", help="reuse an out dir that holds another config's comparison"
+        "--overwrite",
+        action="store_true",
+        help="reuse an out dir that holds another config's comparison, and replace an existing report",
     )
     p.add_argument("--report", action="store_true", help="write the HTML/Markdown report when done")
+    p.add_argument(
+        "--markdown", metavar="FILE", help="also write the results tables as Markdown (docs/, README)"
+    )
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from sleepbot.compare import compare, format_table, load_compare_config
+    from pathlib import Path
+
+    from sleepbot.compare import load_compare_config
 
     cfg = load_compare_config(args.config, seeds=args.seeds)
-    results = compare(cfg, args.out, workers=args.workers, overwrite=args.overwrite)
-    print(format_table(results))
-    if results["errors"]:
-        print(
-            f"{len(results['errors'])} run(s) failed; see 'errors' in {args.out}/results.json",
-            file=sys.stderr,
+    if args.report and not args.overwrite:
+        _check_new_file(str(Path(args.out) / "report.html"), False, "report")
+    _check_new_file(args.markdown, args.overwrite, "--markdown")
+    return _compare_and_print(
+        cfg, args.out, args, command=f"sleepbot compare --config {args.config} --out {args.out}"
+    )
+
+
+def _compare_and_print(
+    cfg, out: str, args: argparse.Namespace, command: str, show_speedup: bool = True
+) -> int:
+    """Run a comparison (arms checked first), print its table; exit 1 when runs failed."""
+    from pathlib import Path
+
+    from sleepbot.compare import check_arms, compare, format_table
+
+    check_arms(cfg)  # bad options, checkpoints or forecaster fits fail now, before any run
+    results = compare(cfg, out, workers=args.workers, overwrite=args.overwrite)
+    print(format_table(results, show_speedup=show_speedup), end="")
+    print(f"results: {out}/results.json, {out}/results.csv")
+    if getattr(args, "markdown", None):
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(
+            format_table(results, markdown=True) + f"\n_Produced by `{command}`._\n"
         )
-    print(f"results: {args.out}/results.json, {args.out}/results.csv")
-    if args.report:
+        print(f"markdown: {args.markdown}")
+    if getattr(args, "report", False):
         from sleepbot.report import write_report
 
-        html_path, _ = write_report(args.out, overwrite=True)
+        html_path, _ = write_report(out, overwrite=args.overwrite, command=command)
         print(f"report: {html_path}")
+    if results["errors"]:
+        first = next(iter(results["errors"].items()))
+        print(
+            f"sleepbot: {len(results['errors'])} run(s) failed; first {first[0]}: {first[1]} "
+            f"(all in 'errors' of {out}/results.json)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -159,146 +202,120 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _add_sleep(p: argparse.ArgumentParser) -> None:
     _add_run_config_args(p)
     p.add_argument(
-        "--strategy", help="sleep strategy (linear, learned, noise, square_normalize, lookahead, ...)"
+        "--strategy", help="sleep strategy: a registry name (linear, learned, ...) or an import path"
     )
     p.add_argument("--forecaster", help="forecaster checkpoint for `learned` (default: the shipped one)")
     p.add_argument(
-        "--vs", metavar="BASELINE", help="also run this strategy (usually `none`) on the same seeds"
+        "--vs",
+        metavar="STRATEGY",
+        help="compare with this strategy (usually `none`) on paired seeds, through `sleepbot compare`",
     )
-    p.add_argument("--seeds", type=int, default=1, help="seeds per arm with --vs (default 1; use >= 10)")
+    p.add_argument("--seeds", type=int, default=10, help="paired seeds per arm with --vs (default 10)")
+    p.add_argument(
+        "--tune",
+        default="1e-3,3e-3,1e-2,3e-2",
+        metavar="LRS",
+        help="with --vs: the lr grid tuned first on 3 other seeds (default 1e-3,3e-3,1e-2,3e-2); `none`: no "
+        "tuning, and then no speedup is printed",
+    )
     p.add_argument(
         "--target", type=float, help="validation accuracy to reach (default: the baseline's median)"
     )
+    p.add_argument("--out", help="with --vs: the comparison's directory (default: <out_dir>/sleep-vs)")
     p.add_argument("--workers", type=int, help="parallel worker processes with --vs (default: one per core)")
-    p.add_argument(
-        "--json", metavar="FILE", help="also write the per-arm summary (and per-run curves) as JSON"
-    )
-
-
-def _sleep_arm_rows(results: dict, baseline: str, target: float, budget: int) -> dict:
-    """Per arm: steps to target (median, bootstrap CI), accuracies, speedup over `baseline` paired by seed."""
-    import numpy as np
-
-    from sleepbot.analysis import bootstrap_ci, paired_speedup, steps_to_target
-
-    steps = {
-        arm: [steps_to_target(r["val_step"], r["val_acc"], target, budget) for r in runs]
-        for arm, runs in results.items()
-    }
-    rows = {}
-    for arm, runs in results.items():
-        sp = paired_speedup(steps[baseline], steps[arm])
-        events = [e for r in runs for e in r["events"]]
-        rows[arm] = {
-            "seeds": [r["seed"] for r in runs],
-            "steps_to_target": steps[arm],
-            "median_steps": float(np.median(steps[arm])),
-            "steps_ci": list(bootstrap_ci(steps[arm])),
-            "misses": int(sum(s > budget for s in steps[arm])),
-            "final_val_acc": float(np.median([r["val_acc"][-1] for r in runs])),
-            "test_acc": float(np.median([r["test_acc"] for r in runs])),
-            "speedup": sp.ratio,
-            "speedup_ci": [sp.lo, sp.hi],
-            "p_value": sp.p_value,
-            "sleeps": len(events),
-            "accepted": int(sum(bool(e["accepted"]) for e in events)),
-            "fit_seconds": float(np.median([r["fit_seconds"] for r in runs])),
-        }
-    return rows
+    p.add_argument("--json", metavar="FILE", help="write the run's result as JSON (without --vs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file or comparison")
 
 
 def _run_sleep(args: argparse.Namespace) -> int:
     from sleepbot.config import resolve_run_config, to_yaml
 
-    cfg = resolve_run_config(args.config, args.overrides)
-    if args.strategy is not None:
-        cfg = resolve_run_config(args.config, [*args.overrides, "--sleep.strategy", args.strategy])
+    extra = ["--sleep.strategy", args.strategy] if args.strategy is not None else []
     if args.forecaster is not None:
-        cfg.sleep.forecaster = args.forecaster
+        extra += ["--sleep.options.forecaster", args.forecaster]
+    cfg = resolve_run_config(args.config, [*args.overrides, *extra])
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
     if args.seeds < 1:
         raise SleepbotError(f"--seeds must be >= 1, got {args.seeds}")
-    import copy
-    import json
-
+    if args.vs:
+        return _sleep_vs(cfg, args)
+    _check_new_file(args.json, args.overwrite, "--json")
     from sleepbot.sleep import sleep_from_config
+    from sleepbot.training import run_training
 
-    arms = [cfg.sleep.strategy] + ([args.vs] if args.vs else [])
-    for arm in arms:  # bad strategies, options or forecaster files fail here, before any run starts
-        probe = copy.deepcopy(cfg)
-        probe.sleep.strategy = arm
-        if arm != "none":
-            sleep_from_config(probe)
-    if not args.vs:
-        from sleepbot.training import run_training
-
-        r = run_training(cfg)
-        accepted = sum(bool(e["accepted"]) for e in r.events)
-        sleep_s = sum(e["seconds"] for e in r.events)
-        print(
-            f"{r.name} [{cfg.sleep.strategy}]: {r.steps} steps in {r.fit_seconds:.1f}s "
-            f"({accepted}/{len(r.events)} jumps accepted, {sleep_s:.2f}s asleep), "
-            f"final val acc {r.final_val_acc:.4f}, test acc {r.test_acc:.4f}"
-            + (f", logs in {r.log_dir}" if r.log_dir else "")
-        )
-        if args.target is not None:
-            from sleepbot.analysis import steps_to_target
-
-            s = steps_to_target(r.val_step, r.val_acc, args.target, cfg.trainer.max_steps)
-            print(f"steps to val acc {args.target}: " + (f"{s:.0f}" if s <= r.steps else "not reached"))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(r.to_dict(), fh, indent=1)
-        return 0
-
-    from sleepbot.experiments import run_parallel, train_task
-
-    tasks, labels = [], []
-    for arm in arms:
-        for i in range(args.seeds):
-            c = copy.deepcopy(cfg)
-            c.seed = cfg.seed + i
-            c.sleep.strategy = arm
-            c.name = f"{cfg.run_name}-{arm}-s{c.seed}" if cfg.name else f"{c.run_name}-{arm}"
-            tasks.append({"config": c.to_dict()})
-            labels.append(arm)
-    out = run_parallel(train_task, tasks, args.workers, desc="sleep runs")
-    failed = [(labels[i], err) for i, (ok, err) in enumerate(out) if not ok]
-    if failed:
-        raise SleepbotError(
-            f"{len(failed)} of {len(out)} runs failed; first ({failed[0][0]}): {failed[0][1]}"
-        )
-    results = {arm: [res for lab, (_, res) in zip(labels, out) if lab == arm] for arm in arms}
-    baseline = args.vs
-    budget = cfg.trainer.max_steps
-    target = args.target
-    if target is None:
-        import numpy as np
-
-        target = float(np.median([r["val_acc"][-1] for r in results[baseline]]))
-    rows = _sleep_arm_rows(results, baseline, target, budget)
+    if cfg.sleep.strategy != "none":
+        sleep_from_config(cfg)  # bad options or forecaster files fail here, before the run starts
+    r = run_training(cfg)
+    accepted = sum(bool(e["accepted"]) for e in r.events)
+    sleep_s = sum(e["seconds"] for e in r.events)
     print(
-        f"{args.seeds} seeds per arm, target val acc {target:.4f}"
-        + (" (given)" if args.target is not None else f" (median final of {baseline})")
-        + f", budget {budget} steps (a miss counts {2 * budget})"
+        f"{r.name} [{cfg.sleep.strategy}]: {r.steps} steps in {r.fit_seconds:.1f}s "
+        f"({accepted}/{len(r.events)} jumps accepted, {sleep_s:.2f}s asleep), "
+        f"final val acc {r.final_val_acc:.4f}, test acc {r.test_acc:.4f}"
+        + (f", logs in {r.log_dir}" if r.log_dir else "")
     )
-    print(
-        f"{'arm':<18} {'steps to target':>22} {'final val':>9} {'test acc':>8} {'speedup':>22} {'jumps':>9}"
-    )
-    for arm, row in rows.items():
-        lo, hi = row["steps_ci"]
-        slo, shi = row["speedup_ci"]
-        print(
-            f"{arm:<18} {row['median_steps']:>7.0f} [{lo:>5.0f}, {hi:>5.0f}] ({row['misses']} miss) "
-            f"{row['final_val_acc']:>9.4f} {row['test_acc']:>8.4f} "
-            f"{row['speedup']:>6.2f}x [{slo:.2f}, {shi:.2f}] {row['accepted']:>4}/{row['sleeps']:<4}"
-        )
+    if args.target is not None:
+        from sleepbot.analysis import steps_to_target
+
+        s = steps_to_target(r.val_step, r.val_acc, args.target, cfg.trainer.max_steps)
+        print(f"steps to val acc {args.target}: " + (f"{s:.0f}" if s <= r.steps else "not reached"))
     if args.json:
+        import json
+
         with open(args.json, "w") as fh:
-            json.dump({"target": target, "budget": budget, "arms": rows, "runs": results}, fh, indent=1)
+            json.dump(r.to_dict(), fh, indent=1)
     return 0
+
+
+def _sleep_vs(cfg, args: argparse.Namespace) -> int:
+    """`sleep --vs`: the same run config as a two-arm comparison through the one harness (sleepbot.compare)."""
+    from pathlib import Path
+
+    from sleepbot.compare import parse_compare_config
+    from sleepbot.compare.config import DEFAULT_TUNE_SEED_START
+
+    run = cfg.to_dict()
+    sleep = run.pop("sleep")
+    seed = run.pop("seed")
+    for key in ("name", "out_dir", "record"):
+        run.pop(key)
+    tune: dict = {}
+    if args.tune.strip().lower() != "none":
+        try:
+            lrs = [float(x) for x in args.tune.split(",") if x.strip()]
+        except ValueError:
+            raise SleepbotError(
+                f"--tune must be comma-separated learning rates or none, got {args.tune!r}"
+            ) from None
+        start = (
+            DEFAULT_TUNE_SEED_START
+            if not (seed <= DEFAULT_TUNE_SEED_START < seed + args.seeds)
+            else seed + args.seeds
+        )
+        tune = {"lrs": lrs, "seeds": 3, "seed_start": start}
+    arms: list = []
+    for strategy in dict.fromkeys(["none", args.vs, cfg.sleep.strategy]):
+        s = dict(sleep) if strategy == cfg.sleep.strategy else {"strategy": strategy}
+        s["strategy"] = strategy
+        name = strategy if strategy.replace("_", "").isalnum() else strategy.rsplit(".", 1)[-1]
+        arms.append({"name": name, **s})
+    values = {"seeds": args.seeds, "seed_start": seed, "base": run, "arms": arms, "tune": tune or None}
+    if args.target is not None:
+        values["target"] = args.target
+    ccfg = parse_compare_config({k: v for k, v in values.items() if v is not None})
+    out = args.out or str(Path(cfg.out_dir) / "sleep-vs")
+    if not tune:
+        print(
+            "lr NOT tuned (--tune none): steps are shown, speedups are not (they would mostly be lr effects)"
+        )
+    rc = _compare_and_print(
+        ccfg, out, args, command="sleepbot sleep ... --vs " + args.vs, show_speedup=bool(tune)
+    )
+    if args.seeds < 2:
+        print("one seed per arm: no confidence interval (use --seeds 10 or more)")
+    return rc
 
 
 # --------------------------------------------------------------------------------------------------- demo
@@ -339,7 +356,9 @@ def _add_train_forecaster(p: argparse.ArgumentParser) -> None:
         help="directories of recorded runs (sleepbot collect) or .h5 files",
     )
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. forecaster.pt")
-    p.add_argument("--model", default="lstm", help="forecaster to train: lstm (default) or mlp")
+    p.add_argument(
+        "--kind", default="lstm", help="forecaster kind to train (a registry name): lstm (default) or mlp"
+    )
     p.add_argument("--context", type=int, default=5, help="snapshots read (default 5)")
     p.add_argument("--horizons", default="5,10,20", help="snapshots ahead, comma-separated (default 5,10,20)")
     p.add_argument(
@@ -365,7 +384,9 @@ def _add_train_forecaster(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="model init and window sampling (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="which runs go to val/test (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: the same numbers on any core count)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.epilog = (
         "Any Lightning Trainer option passes through as --trainer.KEY VALUE (e.g. --trainer.devices 2 "
@@ -401,12 +422,9 @@ def _run_train_forecaster(args: argparse.Namespace) -> int:
         trainer_kwargs["max_steps"] = args.max_steps
     from sleepbot.forecast.module import ForecasterTrainConfig, train_forecaster
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     cfg = ForecasterTrainConfig(
-        model=args.model,
+        threads=args.threads,
+        model=args.kind,
         context=args.context,
         horizons=_int_list(args.horizons, "--horizons"),
         model_options=dict(tree.get("forecaster", {})),
@@ -430,14 +448,14 @@ def _run_train_forecaster(args: argparse.Namespace) -> int:
         )
         print(f"{name}: trained in {result.seconds[name]:.0f}s; validation R2_disp {r2}")
     print(f"wrote {args.out}; score it on held-out runs with:")
-    print(f"  sleepbot evaluate-forecaster --model {args.out} --data {' '.join(args.data)}")
+    print(f"  sleepbot evaluate-forecaster --forecaster {args.out} --data {' '.join(args.data)}")
     return 0
 
 
 # --------------------------------------------------------------------------------------- evaluate-forecaster
 def _add_evaluate_forecaster(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=None, help="forecaster checkpoint (default: the one shipped with sleepbot)"
+        "--forecaster", default=None, help="forecaster checkpoint (default: the one shipped with sleepbot)"
     )
     p.add_argument("--data", required=True, nargs="+", help="directories of recorded runs or .h5 files")
     p.add_argument(
@@ -469,12 +487,12 @@ def _run_evaluate_forecaster(args: argparse.Namespace) -> int:
     for target in (args.json, args.plot):
         if target and Path(target).exists() and not args.overwrite:
             raise SleepbotError(f"{target!r} exists; pass --overwrite to replace it")
-    model = load_forecaster(args.model)
-    models = {**load_baselines(args.model)}
+    model = load_forecaster(args.forecaster)
+    models = {**load_baselines(args.forecaster)}
     for extra in args.compare:
         models[Path(extra).stem] = load_forecaster(extra)
     models[model.name if model.name not in models else f"{model.name} (checkpoint)"] = model
-    meta = checkpoint_meta(args.model)
+    meta = checkpoint_meta(args.forecaster)
     runs = scan_runs(resolve_paths(args.data), min_snapshots=model.context + 1)
     chosen = select_runs(runs, meta.get("split"), args.split)
     if not chosen:
@@ -482,7 +500,7 @@ def _run_evaluate_forecaster(args: argparse.Namespace) -> int:
             f"no runs to score: {len(runs)} runs found, none in split {args.split!r} of this checkpoint"
         )
     print(
-        f"scoring {len(chosen)} of {len(runs)} runs (split {args.split}); forecaster {args.model or 'shipped'}"
+        f"scoring {len(chosen)} of {len(runs)} runs (split {args.split}); forecaster {args.forecaster or 'shipped'}"
     )
     kw = {"stride": args.stride, "use_progress": not args.no_progress}
     result = evaluate(models, chosen, **kw)
@@ -504,6 +522,26 @@ def _run_evaluate_forecaster(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- repair
+def _add_repair(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a run file whose writer was killed (plain h5py refuses it: 'already open')")
+    p.add_argument("--out", help="where to write the repaired run (default: FILE's stem + .repaired.h5)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists; without --out, replace FILE itself",
+    )
+
+
+def _run_repair(args: argparse.Namespace) -> int:
+    from sleepbot.store import RunFile, repair_run
+
+    out = repair_run(args.file, out=args.out, overwrite=args.overwrite)
+    with RunFile(out) as run:
+        print(f"{out}: status {run.status}, {len(run.steps)} steps, {len(run.snapshot_steps)} snapshots")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
     # name: (help, add_arguments, run, takes dotted config overrides)
     "train": ("train one run from a YAML config plus dotted overrides", _add_train, _run_train, True),
@@ -516,6 +554,12 @@ COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "report": ("write the HTML page and Markdown summary of a comparison", _add_report, _run_report, False),
     "collect": ("record a grid of runs to HDF5 in parallel (resumable)", _add_collect, _run_collect, False),
     "inspect": ("summarise a run file, or a directory of runs as a table", _add_inspect, _run_inspect, False),
+    "repair": (
+        "close a killed run file so that plain h5py opens it (status 'killed')",
+        _add_repair,
+        _run_repair,
+        False,
+    ),
     "sleep": (
         "train with sleep; with --vs none --seeds N, paired arms and the speedup",
         _add_sleep,

@@ -16,15 +16,11 @@ from typing import Any
 
 from sleepbot.errors import ConfigError
 
-# The registries live in data.py / models.py (heavy imports); these are their names, checked against the
-# registries by tests/test_config.py, so that a bad name fails before torch is imported.
-DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")
-ARCHS = ("small_cnn", "lenet5", "resnet_tiny", "cnn1d", "mlp")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+# Registry names (datasets, architectures, optimizers, sleep strategies) are not listed here: sleepbot.registry
+# reads them from the registry lines in the source, so that a bad name fails before torch is imported and a new
+# registry entry is usable from YAML and the CLI with no other edit. These are the config's own fixed choices.
 SCHEDULES = ("constant", "cosine", "step")
 LOGGERS = ("auto", "csv", "tensorboard", "none")
-SLEEP_STRATEGIES = ("none", "linear", "learned", "noise", "square_normalize", "lookahead", "oracle", "random")
-SLEEP_OPTIMIZER_STATE = ("keep", "reset", "rescale")
 
 
 @dataclass
@@ -47,7 +43,7 @@ class ModelConfig:
 
     arch: str = "small_cnn"
     optimizer: str = "adam"
-    lr: float = 3e-3
+    lr: float = 1e-2  # the tuned lr of small_cnn/Adam on digits (configs/compare_digits.yaml)
     weight_decay: float = 0.0
     momentum: float = 0.9  # used by `momentum` (SGD with momentum) only
     schedule: str = "constant"  # constant | cosine (to 0 at max_steps) | step (x0.1 at 50% and 75%)
@@ -82,29 +78,51 @@ class RecordConfig:
     overwrite: bool = False
 
 
-@dataclass
-class SleepConfig:
-    """Sleep callback options (see sleep/); strategy `none` is the control.
+# The Sleep callback's settings are defined once, by its constructor's signature (sleepbot/sleep/callback.py);
+# SleepConfig is built from that signature, read statically so the CLI stays light. Parameters that a YAML file
+# cannot hold (a schedule or loss callable) or that come from elsewhere (the run's seed) are left out; the
+# strategy's own options go in `options`, as keyword arguments do in `Sleep(strategy, **options)`.
+_SLEEP_SIGNATURE = ("sleep/callback.py", "Sleep")
+_SLEEP_NOT_CONFIGURABLE = ("schedule", "loss_fn", "seed", "options")
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": None, "list": list, "dict": dict}
 
-    `every_n_steps`, `horizon`, `snapshot_every` and `context` left at None take the strategy's own defaults
-    (a forecaster's context and snapshot spacing, Lookahead's k), else 50, 5, 10 and 5.
-    """
 
-    strategy: str = "none"
-    every_n_steps: int | None = None
-    start_step: int = 0
-    stop_step: int | None = None
-    horizon: int | None = None  # in snapshots
-    snapshot_every: int | None = None  # steps between the snapshots kept in the ring buffer
-    context: int | None = None  # snapshots the strategy reads
-    forecaster: str | None = None  # checkpoint for `learned`; None: the shipped default
-    optimizer_state: str = "keep"  # keep | reset | rescale
-    check_batches: int = 0
-    tolerance: float = 0.0
-    after_plateau: bool = False  # sleep only once validation accuracy has flattened
-    plateau_window: int = 5
-    plateau_delta: float = 0.005
-    options: dict = field(default_factory=dict)  # strategy-specific keyword arguments (alpha, k, ...)
+def _annotation_type(text: str) -> Any:
+    """A type from annotation text such as 'int | None' or 'list[str] | None'; None if not a YAML-able type."""
+    try:
+        return eval(text, {"__builtins__": {}}, _TYPES)  # names restricted to the table above
+    except Exception:
+        return None
+
+
+def _sleep_config_class() -> type:
+    from sleepbot.registry import signature_params
+
+    fields: list[tuple[str, Any, Any]] = [("strategy", str, field(default="none"))]
+    for p in signature_params(*_SLEEP_SIGNATURE):
+        if p.name == "strategy" or p.name in _SLEEP_NOT_CONFIGURABLE:
+            continue
+        tp = _annotation_type(p.annotation)
+        if tp is None:
+            continue
+        default = (
+            field(default_factory=lambda v=p.default: type(v)(v))
+            if isinstance(p.default, (list, dict))
+            else field(default=p.default)
+        )
+        fields.append((p.name, tp, default))
+    fields.append(("options", dict, field(default_factory=dict)))
+    cls = dataclasses.make_dataclass("SleepConfig", fields)
+    cls.__module__ = __name__  # pickling and repr name it as sleepbot.config.SleepConfig
+    cls.__doc__ = (
+        "The Sleep callback's settings (built from `Sleep.__init__`, see its docstring for each); `strategy` "
+        "`none` is the control (no callback), a registry name or an import path `pkg.module.Class`; `options` "
+        "are the strategy's constructor arguments (alpha, forecaster, checkpoint, ...)."
+    )
+    return cls
+
+
+SleepConfig = _sleep_config_class()
 
 
 @dataclass
@@ -131,15 +149,34 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-_CHOICES = {
-    ("data", "name"): DATASETS,
-    ("model", "arch"): ARCHS,
-    ("model", "optimizer"): OPTIMIZERS,
+# (section, key) -> the registry kind (sleepbot.registry) or the fixed tuple of valid values.
+_CHOICES: dict[tuple[str, str], str | tuple[str, ...]] = {
+    ("data", "name"): "dataset",
+    ("model", "arch"): "arch",
+    ("model", "optimizer"): "optimizer",
     ("model", "schedule"): SCHEDULES,
     ("trainer", "logger"): LOGGERS,
-    ("sleep", "strategy"): SLEEP_STRATEGIES,
-    ("sleep", "optimizer_state"): SLEEP_OPTIMIZER_STATE,
+    ("sleep", "strategy"): "strategy",
 }
+
+
+def _check_choice(section: str, key: str, value: Any) -> None:
+    choices = _CHOICES.get((section, key))
+    if choices is None:
+        return
+    extra = ""
+    if isinstance(choices, str):
+        from sleepbot.registry import is_import_path, names
+
+        kind = choices
+        choices = names(kind)
+        if kind == "strategy":
+            choices = ("none", *[c for c in choices if c != "none"])  # `none`: the control, no callback
+            if isinstance(value, str) and is_import_path(value):
+                return  # a user's own SleepStrategy subclass, imported when the run is built
+            extra = ", or the import path of a SleepStrategy subclass (mypkg.module.MyStrategy)"
+    if value not in choices:
+        raise ConfigError(f"unknown {section}.{key} {value!r}; valid: {', '.join(choices)}{extra}")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -187,6 +224,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
             return value
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp) or (None,)
+            return [v if item is None else _coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     else:  # pragma: no cover - a new annotation kind needs a branch here
         raise TypeError(f"unsupported config annotation {tp!r} for {key}")
     name = getattr(tp, "__name__", str(tp))
@@ -210,9 +251,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             kwargs[key] = _coerce(value, tp, full)
     obj = cls(**kwargs)
     for name in fields:
-        choices = _CHOICES.get((prefix.rstrip("."), name))
-        if choices is not None and getattr(obj, name) not in choices:
-            raise ConfigError(f"unknown {prefix}{name} {getattr(obj, name)!r}; valid: {', '.join(choices)}")
+        _check_choice(prefix.rstrip("."), name, getattr(obj, name))
     return obj
 
 

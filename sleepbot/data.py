@@ -11,6 +11,7 @@ Inputs are standardised with the training split's mean and std (one scalar per c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,19 @@ from sleepbot.config import DataConfig
 from sleepbot.errors import SleepbotError, unknown_name
 
 Arrays = tuple[np.ndarray, np.ndarray]
+Loader = Callable[[DataConfig], tuple[Arrays, "Arrays | None"]]
+
+# name -> loader returning ((x, y) train+val pool, (x, y) test or None). Add a dataset with a loader function and
+# `@register_dataset("name")`; that line is all YAML and the CLI need (sleepbot.registry reads it).
+LOADERS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    def deco(fn: Loader) -> Loader:
+        LOADERS[name] = fn
+        return fn
+
+    return deco
 
 
 def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
@@ -98,11 +112,11 @@ def load_torchvision_arrays(cfg: DataConfig) -> tuple[Arrays, Arrays | None]:
     return arrays(tr), arrays(te)
 
 
-LOADERS = {
-    "digits": load_digits_arrays,
-    "mnist1d": load_mnist1d_arrays,
-    **{name: load_torchvision_arrays for name in _TORCHVISION},
-}
+register_dataset("digits")(load_digits_arrays)
+register_dataset("mnist1d")(load_mnist1d_arrays)
+register_dataset("mnist")(load_torchvision_arrays)
+register_dataset("fashion-mnist")(load_torchvision_arrays)
+register_dataset("cifar10")(load_torchvision_arrays)
 
 
 class ArrayDataModule(pl.LightningDataModule):

@@ -1,7 +1,8 @@
 """One tiny real comparison shared by test_compare, test_report and test_viz (built once per session).
 
-Digits, 256 training examples, 40 steps, 2 seeds; the lr tuned on a 2-point grid with 1 seed; arms none,
-linear and oracle. Trained in-process (workers=1): about 7 short runs.
+Digits, 256 training examples, 40 steps, 2 seeds; two base optimizers (Adam, the reference, and SGD+momentum,
+the alternative), each tuned on its own 2-point grid with 1 development seed; arms none, momentum (alone), linear
+and oracle on Adam, linear on momentum. Trained in-process (workers=1): 14 short runs.
 """
 
 from __future__ import annotations
@@ -15,11 +16,24 @@ TINY = {
         "data": {"name": "digits", "train_subset": 256},
         "trainer": {"max_steps": 40, "val_every_n_steps": 10},
     },
-    "tune": {"lrs": [3e-3, 1e-2], "seeds": 1},
+    "tune": {"seeds": 1, "seed_start": 100},
+    "optimizers": [
+        {"name": "adam", "model": {"optimizer": "adam"}, "lrs": [3e-3, 1e-2]},
+        {"name": "momentum", "model": {"optimizer": "momentum"}, "lrs": [3e-2, 1e-1]},
+    ],
     "arms": [
         "none",
         {"name": "linear", "strategy": "linear", "every_n_steps": 20, "horizon": 2, "context": 2},
         {"name": "oracle", "strategy": "oracle", "every_n_steps": 20, "horizon": 2},
+        {
+            "name": "linear+momentum",
+            "strategy": "linear",
+            "optimizer": "momentum",
+            "every_n_steps": 20,
+            "horizon": 2,
+            "context": 2,
+            "chosen_on": "nothing (a test)",
+        },
     ],
 }
 

@@ -20,6 +20,26 @@ def test_help_does_not_import_heavy_libraries():
     assert out.strip() == "[]"
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--model.arch", "alexnet"],
+        ["train", "--model.optimizer", "lion"],
+        ["sleep", "--strategy", "dream"],
+        ["sleep", "--sleep.horizon", "far"],
+        ["compare", "--config", "configs/compare_quick.yaml", "--out", "/nonexistent/x", "--seeds", "0"],
+    ],
+)
+def test_bad_arguments_are_answered_without_importing_torch(argv):
+    code = (
+        "import sys; from sleepbot.cli import main; rc = main(sys.argv[1:]); "
+        "print(rc, sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "2 []", proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
 def test_help_lists_commands():
     proc = _run("--help")
     assert proc.returncode == 0

@@ -33,12 +33,21 @@ def comparison(tmp_path_factory):
     "change, message",
     [
         ({"bogus": 1}, "unknown compare config key 'bogus'"),
-        ({"seeds": 0}, "'seeds' must be >= 1"),
-        ({"seeds": "many"}, "'seeds' must be a count or a list"),
+        ({"seeds": 0}, "seeds must be >= 1"),
+        ({"seeds": "many"}, "seeds must be a count or a list"),
         ({"base": {"data": {"name": "imagenet"}}}, "unknown data.name 'imagenet'"),
         ({"arms": ["none", "none"]}, "arm name 'none' appears twice"),
         ({"arms": [{"name": "x", "horizon": "far"}]}, "sleep.horizon"),
-        ({"tune": {"lrs": [0.01, "fast"]}}, "tune.lrs must hold numbers"),
+        ({"tune": {"lrs": [0.01, "fast"]}, "optimizers": None}, "tune.lrs must hold numbers"),
+        ({"tune": {"seeds": 2, "seed_start": 6}}, r"tuning seeds \[6\] are also seeds of the comparison"),
+        ({"arms": [{"name": "x", "strategy": "linear", "optimizer": "lion"}]}, "unknown optimizer 'lion'"),
+        ({"reference": "sgd"}, "reference optimizer 'sgd' is not among the optimizers"),
+        (
+            {"optimizers": [{"name": "a", "lrs": [1e-3]}, {"name": "b", "lrs": [1e-3, 1e-2]}]},
+            "the same tuning budget",
+        ),
+        ({"optimizers": [{"name": "a", "model": {"optimizer": "lion"}}]}, "unknown model.optimizer 'lion'"),
+        ({"optimizers": [{"name": "a", "model": {"lr": 0.1}}]}, "give the grid as optimizers"),
         ({"tune": {"step": 3}}, "unknown tune key 'step'"),
         ({"arms": ["none", {"name": "../x", "strategy": "linear"}]}, "arm name '../x' must be"),
         ({"arms": ["none", {"name": "x", "strategy": "dream"}]}, "unknown sleep.strategy 'dream'"),
@@ -47,6 +56,7 @@ def comparison(tmp_path_factory):
 def test_bad_compare_configs_are_one_line_errors(change, message):
     values = copy.deepcopy(TINY)
     values.update(change)
+    values = {k: v for k, v in values.items() if v is not None}
     with pytest.raises(SleepbotError, match=message) as info:
         parse_compare_config(values)
     assert "\n" not in str(info.value)
@@ -57,8 +67,19 @@ def test_config_defaults_add_the_baseline_and_log_grid():
         {"arms": ["linear"], "seeds": [3, 4], "tune": {"low": 1e-3, "high": 1e-1, "num": 3}}
     )
     assert [a.name for a in cfg.arms] == ["none", "linear"]
-    assert cfg.tune_lrs == [1e-3, 1e-2, 1e-1] == log_grid(1e-3, 1e-1, 3)
-    assert cfg.seeds == [3, 4] and cfg.tune_seeds == [3, 4]
+    assert [o.name for o in cfg.optimizers] == ["adam"] and cfg.reference == "adam"
+    assert cfg.optimizers[0].lrs == [1e-3, 1e-2, 1e-1] == log_grid(1e-3, 1e-1, 3)
+    # lrs are tuned on development seeds, never on the comparison's own seeds
+    assert cfg.seeds == [3, 4] and cfg.tune_seeds == [900, 901, 902]
+    # every base optimizer runs alone: the reference as `none`, the others under their own name
+    two = parse_compare_config(
+        {"optimizers": [{"name": "adam"}, {"name": "sgd", "model": {"optimizer": "sgd"}}], "arms": ["linear"]}
+    )
+    assert [(a.name, a.optimizer, a.sleep["strategy"]) for a in two.arms] == [
+        ("none", "adam", "none"),
+        ("sgd", "sgd", "none"),
+        ("linear", "adam", "linear"),
+    ]
 
 
 def _run(final_accs, steps=(10, 20, 30)):
@@ -79,19 +100,52 @@ def test_choose_lr_best_median_then_fewer_steps_on_a_tie():
     assert [r["median_steps_to_best"] for r in rows] == [30.0, 15.0, 10.0]
     lr, _ = choose_lr({1e-3: _run([(0.5, 0.7, 0.8)]), 1e-2: _run([(0.5, 0.6, 0.7)])})
     assert lr == 1e-3
+    # With a target (an alternative optimizer): the fewest median steps to it, whatever the final accuracy.
+    lr, rows = choose_lr(table, target=0.85)
+    assert lr == 3e-2 and [r["median_steps_to_target"] for r in rows] == [30.0, 15.0, 10.0]
+    # misses count miss_factor x the budget, so a fast-but-unreliable lr loses
+    lr, _ = choose_lr(
+        {1e-3: _run([(0.5, 0.9, 0.9)] * 3), 1e-2: _run([(0.9, 0.9, 0.9), (0.5,) * 3, (0.5,) * 3])}, target=0.9
+    )
+    assert lr == 1e-3
 
 
 # ------------------------------------------------------------------------------------- results
 def test_results_files_and_tuning(comparison):
     res = load_results(comparison)
     w = res["workloads"]["default"]
-    assert w["tuning"]["grid"] == [3e-3, 1e-2] and w["tuning"]["lr"] in (3e-3, 1e-2)
-    assert set(w["arms"]) == {"none", "linear", "oracle"}
+    assert w["tuning"]["adam"]["grid"] == [3e-3, 1e-2] and w["tuning"]["adam"]["lr"] in (3e-3, 1e-2)
+    assert w["tuning"]["momentum"]["grid"] == [3e-2, 1e-1] and w["tuning"]["momentum"]["seeds"] == [100]
+    assert w["tuning"]["adam"]["rule"] == "best final val acc"
+    assert w["tuning"]["momentum"]["rule"].startswith("fewest median steps to val acc")
+    arms = ["none", "momentum", "linear", "oracle", "linear+momentum"]
+    assert list(w["arms"]) == arms and w["best_alternative"] == "momentum"
     assert all(a["n"] == 2 for a in w["arms"].values()) and not res["errors"]
     with open(comparison / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["arm"] for r in rows] == ["none", "linear", "oracle"]
-    assert "steps to target" in format_table(res)
+    assert [r["arm"] for r in rows] == arms
+    text, md = format_table(res), format_table(res, markdown=True)
+    assert "steps to target" in text and "vs best alternative" in md
+    assert "linear+momentum: settings chosen on nothing (a test)." in md
+    assert "momentum: lr" in md and "chosen on tuning seeds 100" in md
+
+
+def test_speedups_are_paired_against_the_baseline_and_the_best_alternative(comparison):
+    from sleepbot.analysis import paired_speedup
+
+    w = load_results(comparison)["workloads"]["default"]
+    arms = w["arms"]
+    for name in ("linear", "linear+momentum", "oracle"):
+        a = arms[name]
+        for key, ref in (("speedup", "none"), ("speedup_vs_best", "momentum")):
+            expect = paired_speedup(arms[ref]["steps_to_target"], a["steps_to_target"], n_boot=2000)
+            assert a[key]["vs"] == ref and a[key]["ratio"] == pytest.approx(expect.ratio)
+    assert "speedup" not in arms["none"] and "speedup_vs_best" not in arms["momentum"]
+    # the composed arm runs at its own optimizer's tuned lr
+    runs = load_runs(comparison)
+    lr = w["tuning"]["momentum"]["lr"]
+    assert {r["config"]["model"]["optimizer"] for r in runs["linear+momentum"]} == {"momentum"}
+    assert {r["config"]["model"]["lr"] for r in runs["linear+momentum"] + runs["momentum"]} == {lr}
 
 
 def test_target_and_steps_match_the_runs(comparison):
@@ -107,9 +161,12 @@ def test_target_and_steps_match_the_runs(comparison):
             steps_to_target(by_seed[s]["val_step"], by_seed[s]["val_acc"], w["target"], 40) for s in seeds
         ]
         assert w["arms"][arm]["steps_to_target"] == expect
-        for r in rs:  # the tuned lr is used by every arm, on the same seeds
-            assert r["config"]["model"]["lr"] == w["tuning"]["lr"]
-            assert max(r["test_curve"]) >= r["test_acc"] - 1e-12
+        opt = w["arms"][arm]["optimizer"]
+        for r in rs:  # the tuned lr of the arm's optimizer is used, on the same seeds
+            assert r["config"]["model"]["lr"] == w["tuning"][opt]["lr"]
+            # "test acc at best val" belongs to the first step with the best validation accuracy
+            assert r["best_val_step"] == r["val_step"][int(np.argmax(r["val_acc"]))]
+            assert 0 < r["test_acc_at_best_val"] <= 1
     assert sorted(w["arms"]["linear"]["seeds"]) == sorted(w["arms"]["none"]["seeds"]) == [5, 6]
 
 
@@ -136,7 +193,7 @@ def test_resume_skips_finished_runs_and_redoes_a_missing_one_identically(compari
     again = compare(parse_compare_config(TINY), out, workers=1, progress=False)
     assert {p: p.stat().st_mtime_ns for p in others} == before  # finished runs are not rerun
     new = json.loads(victim.read_text())  # redone: same seed, same numbers, sleep events included
-    assert new["val_acc"] == old["val_acc"] and new["test_curve"] == old["test_curve"]
+    assert new["val_acc"] == old["val_acc"] and new["test_acc_at_best_val"] == old["test_acc_at_best_val"]
     keys = ("step", "accepted", "rel_jump")  # not `seconds` (timing) nor NaN losses (NaN != NaN)
     assert [[e.get(k) for k in keys] for e in new["events"]] == [
         [e.get(k) for k in keys] for e in old["events"]

@@ -1,16 +1,73 @@
+from pathlib import Path
+
 import pytest
 
 from sleepbot import config
 from sleepbot.config import RunConfig, parse_overrides, resolve_run_config
 from sleepbot.errors import ConfigError
 
+NINO = Path(__file__).resolve().parents[2] / "shared" / "peers" / "nino_mlp.pt"
 
-def test_names_match_registries():
+
+def test_static_names_match_the_live_registries():
+    """sleepbot.registry reads the registry lines from the source; it must find exactly what importing fills."""
+    import sleepbot.forecast  # noqa: F401  (fills the registries)
+    import sleepbot.sleep  # noqa: F401
+    from sleepbot import registry
     from sleepbot.data import LOADERS
-    from sleepbot.models import ARCHS
+    from sleepbot.forecast.base import FORECASTERS
+    from sleepbot.models import ARCHS, OPTIMIZERS
+    from sleepbot.sleep import STRATEGIES
 
-    assert set(config.DATASETS) == set(LOADERS)
-    assert set(config.ARCHS) == set(ARCHS)
+    static = registry._static_names()
+    for kind, live in (
+        ("dataset", LOADERS),
+        ("arch", ARCHS),
+        ("optimizer", OPTIMIZERS),
+        ("strategy", STRATEGIES),
+        ("forecaster", FORECASTERS),
+    ):
+        assert set(static[kind]) == {k for k in live if not k.startswith("test_")}, kind
+
+
+def test_sleep_config_is_the_sleep_signature():
+    """Every YAML-able Sleep constructor parameter is a sleep config key, with the same default."""
+    import dataclasses
+    import inspect
+
+    from sleepbot.sleep import Sleep
+
+    fields = {f.name: f for f in dataclasses.fields(config.SleepConfig)}
+    params = inspect.signature(Sleep.__init__).parameters
+    for name, p in params.items():
+        if name in ("self", "strategy", "options", "schedule", "loss_fn", "seed"):
+            continue
+        assert name in fields, name
+        assert fields[name].default == p.default, name
+    assert set(fields) <= set(params)  # `options` is the **options of Sleep(strategy, **options)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_loads(path):
+    """Each file in configs/ parses with the loader of its kind, and its sleep callbacks build."""
+    from sleepbot.sleep import sleep_from_config
+
+    if path.name.startswith("compare_"):
+        from sleepbot.compare import check_arms, load_compare_config
+
+        cfg = load_compare_config(path)
+        if not any(a.sleep["strategy"] == "nino" for a in cfg.arms) or NINO.is_file():
+            check_arms(cfg)
+    elif path.name.startswith("collect_"):
+        from sleepbot.experiments import load_collect_config
+
+        load_collect_config(path)
+    else:
+        cfg = resolve_run_config(path)
+        if cfg.sleep.strategy != "none":
+            assert sleep_from_config(cfg).strategy.name == cfg.sleep.strategy
 
 
 def test_overrides_and_yaml_merge(tmp_path):
@@ -32,6 +89,9 @@ def test_overrides_and_yaml_merge(tmp_path):
         (["--model.arch", "resnet9000"], "unknown model.arch 'resnet9000'; valid: small_cnn"),
         (["--data.name", "imagenet"], "unknown data.name 'imagenet'; valid: digits, mnist1d"),
         (["--model.optimizer", "lion"], "unknown model.optimizer 'lion'; valid: sgd, momentum, adam, adamw"),
+        (["--sleep.strategy", "dream"], "unknown sleep.strategy 'dream'; valid: none, "),
+        (["--sleep.horizon", "far"], "config key 'sleep.horizon' must be int, got 'far'"),
+        (["--sleep.layers", "3"], "config key 'sleep.layers' must be list"),
         (["--model.nope", "1"], "unknown config key 'model.nope'; valid keys:"),
         (["--trainer.max_steps", "many"], "config key 'trainer.max_steps' must be int, got 'many'"),
         (["--model", "3"], "config key 'model' must be a mapping"),

@@ -64,7 +64,7 @@ def test_evaluate_forecaster_scores_only_unseen_runs(trained, store, tmp_path, c
     rc = main(
         [
             "evaluate-forecaster",
-            "--model",
+            "--forecaster",
             str(trained),
             "--data",
             str(store),
@@ -95,7 +95,8 @@ def test_evaluate_forecaster_scores_only_unseen_runs(trained, store, tmp_path, c
     assert out_png.stat().st_size > 10_000
     # --split train is possible, but only when asked for.
     assert (
-        main(["evaluate-forecaster", "--model", str(trained), "--data", str(store), "--split", "train"]) == 0
+        main(["evaluate-forecaster", "--forecaster", str(trained), "--data", str(store), "--split", "train"])
+        == 0
     )
     assert "scoring 4 of 9 runs (split train)" in capsys.readouterr().out
 
@@ -104,11 +105,11 @@ def test_cli_errors_are_one_line(trained, store, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("hello")
     cases = [
-        ["evaluate-forecaster", "--model", str(bad), "--data", str(store)],
-        ["evaluate-forecaster", "--model", str(trained), "--data", str(tmp_path / "none")],
-        ["evaluate-forecaster", "--model", str(trained), "--data", str(store), "--split", "some"],
-        ["train-forecaster", "--data", str(store), "--out", str(tmp_path / "x.pt"), "--model", "gru"],
-        ["train-forecaster", "--data", str(store), "--out", str(tmp_path / "x.pt"), "--model", "linear"],
+        ["evaluate-forecaster", "--forecaster", str(bad), "--data", str(store)],
+        ["evaluate-forecaster", "--forecaster", str(trained), "--data", str(tmp_path / "none")],
+        ["evaluate-forecaster", "--forecaster", str(trained), "--data", str(store), "--split", "some"],
+        ["train-forecaster", "--data", str(store), "--out", str(tmp_path / "x.pt"), "--kind", "gru"],
+        ["train-forecaster", "--data", str(store), "--out", str(tmp_path / "x.pt"), "--kind", "linear"],
         ["train-forecaster", "--data", str(store), "--out", str(tmp_path / "x.pt"), "--horizons", "a,b"],
         ["train-forecaster", "--data", str(store), "--out", str(tmp_path / "x.pt"), "--data.lr", "1"],
     ]
@@ -150,7 +151,9 @@ def test_a_real_recorded_run(trained, tiny_config, tmp_path, capsys):
     assert (
         len([a for a in fig.axes if a.get_visible()]) == 3 and (tmp_path / "real.png").stat().st_size > 10_000
     )
-    assert main(["evaluate-forecaster", "--model", str(trained), "--data", str(tmp_path / "run.h5")]) == 0
+    assert (
+        main(["evaluate-forecaster", "--forecaster", str(trained), "--data", str(tmp_path / "run.h5")]) == 0
+    )
     assert "scoring 1 of 1 runs" in capsys.readouterr().out
 
 

@@ -41,7 +41,7 @@ def test_page_has_every_section_and_embeds_its_figures(report):
 def test_markdown_summary_has_the_headline_table(report):
     html_path, md_path = report
     md = md_path.read_text()
-    assert "| arm | n | steps to target, median [95% CI] |" in md
+    assert "| arm | base optimizer (lr) | n | steps to target, median [95% CI] |" in md
     for arm in ("none", "linear", "oracle"):
         assert re.search(rf"^\| {arm} \| 2 \|", md, re.M), arm
     for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
@@ -102,7 +102,7 @@ def test_readme_results_script_at_toy_size(comparison, tmp_path):
         == 0
     )
     text = table.read_text()
-    assert "| arm | n |" in text and "tuned on 0.003, 0.01" in text
+    assert "| arm | base optimizer (lr) | n |" in text and "from 0.003, 0.01 (best final val acc)" in text
     assert figure.read_bytes().startswith(b"\x89PNG")
     assert json.loads(table.with_suffix(".json").read_text())["headline"][0]["arm"] == "none"
     # Without --config it only reads results.json (what the README does with `make demo`'s output).

@@ -22,29 +22,36 @@ rerun skips finished runs and never confuses runs of different configs or code v
 
 from sleepbot.compare.config import (
     Arm,
+    BaseOptimizer,
     CompareConfig,
     Workload,
     load_compare_config,
     log_grid,
     parse_compare_config,
 )
-from sleepbot.compare.harness import code_digest, compare, compare_task, run_stem
+from sleepbot.compare.harness import check_arms, code_digest, compare, compare_task, run_stem
 from sleepbot.compare.stats import (
     CSV_COLUMNS,
     RESULTS_SCHEMA,
+    TABLE_HEADER,
     choose_lr,
     format_table,
     load_results,
     load_runs,
     summarize_comparison,
+    table_notes,
+    table_rows,
 )
 
 __all__ = [
     "CSV_COLUMNS",
     "RESULTS_SCHEMA",
+    "TABLE_HEADER",
     "Arm",
+    "BaseOptimizer",
     "CompareConfig",
     "Workload",
+    "check_arms",
     "choose_lr",
     "code_digest",
     "compare",
@@ -57,4 +64,6 @@ __all__ = [
     "parse_compare_config",
     "run_stem",
     "summarize_comparison",
+    "table_notes",
+    "table_rows",
 ]

@@ -11,19 +11,44 @@ from typing import Any
 
 import numpy as np
 
-from sleepbot.config import RunConfig, SleepConfig, build_config, load_yaml, merge
+from sleepbot.config import ModelConfig, RunConfig, SleepConfig, build_config, load_yaml, merge
 from sleepbot.errors import ConfigError
 
-_SLEEP_KEYS = {f.name for f in dataclasses.fields(SleepConfig)}
+SLEEP_KEYS = {f.name for f in dataclasses.fields(SleepConfig)}
 
 
 # --------------------------------------------------------------------------------------------- config
 @dataclass
+class BaseOptimizer:
+    """A base optimizer of a comparison: ModelConfig settings (optimizer, schedule, warmup, momentum, ...) and the
+    lr grid it is tuned on. Every base optimizer of a comparison gets the same tuning budget (grid size x seeds).
+
+    Attributes:
+        name: how tables name it (`adam`, `adam_cosine`, `schedulefree`, ...).
+        model: `model:` section values merged over the workload's.
+        lrs: the grid; None: not tuned (the workload's lr is used).
+    """
+
+    name: str
+    model: dict[str, Any]
+    lrs: list[float] | None = None
+
+
+@dataclass
 class Arm:
-    """One strategy with its sleep settings (SleepConfig fields; `strategy` defaults to the arm's name)."""
+    """One arm: a sleep strategy with its settings (SleepConfig fields; `strategy` defaults to the arm's name) on
+    a base optimizer. `none` on the reference optimizer is the baseline every speedup is measured against; `none`
+    on another base optimizer is that optimizer alone, a tuned alternative.
+
+    Attributes:
+        chosen_on: which seeds (or which experiment) chose this arm's settings; tables print it, and they must not
+            be seeds of the table itself.
+    """
 
     name: str
     sleep: dict[str, Any]
+    optimizer: str = ""
+    chosen_on: str | None = None
 
 
 @dataclass
@@ -36,20 +61,28 @@ class Workload:
 
 @dataclass
 class CompareConfig:
-    """A comparison: workloads x arms x seeds, the lr grid that tunes the baseline and the statistics' knobs."""
+    """A comparison: workloads x arms x seeds; each base optimizer tuned on its own grid; the statistics' knobs."""
 
     workloads: list[Workload]
     arms: list[Arm]
     seeds: list[int]
-    tune_lrs: list[float] | None = None  # None: no tuning, each workload's own lr
-    tune_seeds: list[int] = field(default_factory=list)
-    target: float | None = None  # None: the no-sleep arm's median final validation accuracy
+    optimizers: list[BaseOptimizer] = field(default_factory=list)
+    reference: str = ""  # the base optimizer whose `none` arm is the baseline (and defines the target)
+    tune_seeds: list[int] = field(default_factory=list)  # never among `seeds`
+    target: float | None = None  # None: the baseline's median final validation accuracy
     miss_factor: float = 2.0
-    record_every: int = 10  # snapshot interval of every recorded run (the oracle reads the no-sleep ones)
+    snapshot_every: int = 10  # snapshot interval of every recorded run (the oracle reads the no-sleep ones)
     n_boot: int = 2000
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def optimizer(self, name: str) -> BaseOptimizer:
+        return next(o for o in self.optimizers if o.name == name)
+
+    @property
+    def baseline(self) -> Arm:
+        return next(a for a in self.arms if a.sleep["strategy"] == "none" and a.optimizer == self.reference)
 
 
 _TOP_KEYS = (
@@ -57,13 +90,19 @@ _TOP_KEYS = (
     "seed_start",
     "base",
     "workloads",
+    "optimizers",
+    "reference",
     "arms",
     "tune",
     "target",
     "miss_factor",
-    "record_every",
+    "snapshot_every",
 )
-_TUNE_KEYS = ("lrs", "low", "high", "num", "seeds")
+_TUNE_KEYS = ("lrs", "low", "high", "num", "seeds", "seed_start")
+_OPT_KEYS = ("name", "model", "lrs", "low", "high", "num")
+# Development seeds: lrs are tuned on these, never on a table's seeds (1000-... in the shipped configs; the
+# forecaster's data uses 0-3).
+DEFAULT_TUNE_SEED_START = 900
 
 
 def _check_keys(d: Any, valid: tuple[str, ...] | set[str], where: str) -> dict[str, Any]:
@@ -122,19 +161,9 @@ def parse_compare_config(values: dict[str, Any], seeds: int | None = None) -> Co
         seeds: override the number of seeds (keeps `seed_start`).
     """
     _check_keys(values, _TOP_KEYS, "compare config")
-    seed_spec = values.get("seeds", 10) if seeds is None else seeds
-    start = values.get("seed_start", 0)
-    if isinstance(seed_spec, bool) or not isinstance(start, int):
-        raise ConfigError(f"compare config 'seeds' must be a count or a list of ints, got {seed_spec!r}")
-    if isinstance(seed_spec, int):
-        if seed_spec < 1:
-            raise ConfigError(f"compare config 'seeds' must be >= 1, got {seed_spec}")
-        seed_list = list(range(start, start + seed_spec))
-    elif isinstance(seed_spec, list) and seed_spec and all(isinstance(s, int) for s in seed_spec):
-        seed_list = list(dict.fromkeys(seed_spec))
-    else:
-        raise ConfigError(f"compare config 'seeds' must be a count or a list of ints, got {seed_spec!r}")
-
+    seed_list = _seed_list(
+        values.get("seeds", 10) if seeds is None else seeds, values.get("seed_start", 0), "seeds"
+    )
     base = _check_keys(values.get("base", {}) or {}, {f.name for f in dataclasses.fields(RunConfig)}, "base")
     raw_workloads = values.get("workloads") or [{"name": "default", "run": {}}]
     if not isinstance(raw_workloads, list):
@@ -150,60 +179,149 @@ def parse_compare_config(values: dict[str, Any], seeds: int | None = None) -> Co
             raise ConfigError(f"workload name {name!r} appears twice; give each workload its own name")
         workloads.append(Workload(name=name, run=run))
 
+    tune = values.get("tune") or {}
+    _check_keys(tune, _TUNE_KEYS, "tune")
+    optimizers = _parse_optimizers(values, tune, base)
+    names = [o.name for o in optimizers]
+    reference = values.get("reference", names[0])
+    if reference not in names:
+        raise ConfigError(
+            f"reference optimizer {reference!r} is not among the optimizers; valid: {', '.join(names)}"
+        )
+    for o in optimizers:  # the optimizer's settings must make a valid run config with every workload
+        for w in workloads:
+            build_config(RunConfig, merge(w.run, {"model": o.model}))
+    sizes = {o.name: len(o.lrs) for o in optimizers if o.lrs}
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(
+            f"every base optimizer gets the same tuning budget, but the lr grids have sizes {sizes}; "
+            f"give each the same number of lrs"
+        )
+
     raw_arms = values.get("arms") or [{"name": "none"}]
     if not isinstance(raw_arms, list):
         raise ConfigError(f"compare config 'arms' must be a list, got {raw_arms!r}")
-    arms = []
+    arms: list[Arm] = []
     for i, a in enumerate(raw_arms):
         if isinstance(a, str):
             a = {"name": a}
-        _check_keys(a, {"name", *_SLEEP_KEYS}, f"arms[{i}]")
+        _check_keys(a, {"name", "optimizer", "chosen_on", *SLEEP_KEYS}, f"arms[{i}]")
         if "name" not in a:
             raise ConfigError(f"arms[{i}] needs a 'name'")
         _check_name(str(a["name"]), "arm")
-        sleep = {k: v for k, v in a.items() if k != "name"}
+        opt = a.get("optimizer", reference)
+        if opt not in names:
+            raise ConfigError(f"arm {a['name']!r}: unknown optimizer {opt!r}; valid: {', '.join(names)}")
+        sleep = {k: v for k, v in a.items() if k not in ("name", "optimizer", "chosen_on")}
         sleep.setdefault("strategy", a["name"])
-        build_config(RunConfig, {"sleep": sleep})  # type-check the sleep settings
-        if any(a["name"] == x.name for x in arms):
-            raise ConfigError(f"arm name {a['name']!r} appears twice; give each arm its own name")
-        arms.append(Arm(name=str(a["name"]), sleep=sleep))
-    if not any(a.sleep["strategy"] == "none" for a in arms):
-        arms.insert(0, Arm(name="none", sleep={"strategy": "none"}))  # the baseline every statistic needs
+        build_config(RunConfig, {"sleep": sleep})  # type-check the sleep settings and the strategy name
+        chosen = a.get("chosen_on")
+        arms.append(
+            Arm(
+                name=str(a["name"]),
+                sleep=sleep,
+                optimizer=opt,
+                chosen_on=None if chosen is None else str(chosen),
+            )
+        )
+    # Every base optimizer runs alone (`none`): the reference's is the baseline, the others are the alternatives.
+    for o in optimizers:
+        if not any(a.sleep["strategy"] == "none" and a.optimizer == o.name for a in arms):
+            name = "none" if o.name == reference else o.name
+            arms.insert(
+                len([a for a in arms if a.sleep["strategy"] == "none"]),
+                Arm(name, {"strategy": "none"}, o.name),
+            )
+    seen: set[str] = set()
+    for a in arms:
+        if a.name in seen:
+            raise ConfigError(f"arm name {a.name!r} appears twice; give each arm its own name")
+        seen.add(a.name)
 
-    tune = values.get("tune")
-    tune_lrs = None
     tune_seeds: list[int] = []
-    if tune:
-        _check_keys(tune, _TUNE_KEYS, "tune")
-        if "lrs" in tune:
-            tune_lrs = _float_list(tune["lrs"], "tune.lrs")
-        else:
-            lo = _float_list([tune.get("low", 1e-3)], "tune.low")[0]
-            hi = _float_list([tune.get("high", 3e-2)], "tune.high")[0]
-            tune_lrs = log_grid(lo, hi, int(tune.get("num", 4)))
-        n_tune = tune.get("seeds", 3)
-        if not isinstance(n_tune, int) or isinstance(n_tune, bool) or n_tune < 1:
-            raise ConfigError(f"tune.seeds must be a count >= 1, got {n_tune!r}")
-        # The first seeds of the comparison: their no-sleep runs at the chosen lr are reused by the none arm.
-        tune_seeds = seed_list[: min(n_tune, len(seed_list))]
+    if any(o.lrs for o in optimizers):
+        tune_seeds = _seed_list(
+            tune.get("seeds", 3), tune.get("seed_start", DEFAULT_TUNE_SEED_START), "tune.seeds"
+        )
+        overlap = sorted(set(tune_seeds) & set(seed_list))
+        if overlap:
+            raise ConfigError(
+                f"tuning seeds {overlap} are also seeds of the comparison; settings are chosen on other seeds "
+                f"than the ones judged (set tune.seed_start, e.g. {DEFAULT_TUNE_SEED_START})"
+            )
 
     target = values.get("target")
     if target is not None:
         target = _float_list([target], "target")[0]
     miss = _float_list([values.get("miss_factor", 2.0)], "miss_factor")[0]
-    record_every = values.get("record_every", 10)
-    if not isinstance(record_every, int) or record_every < 1:
-        raise ConfigError(f"record_every must be an int >= 1, got {record_every!r}")
+    snapshot_every = values.get("snapshot_every", 10)
+    if not isinstance(snapshot_every, int) or snapshot_every < 1:
+        raise ConfigError(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
     return CompareConfig(
         workloads=workloads,
         arms=arms,
         seeds=seed_list,
-        tune_lrs=tune_lrs,
+        optimizers=optimizers,
+        reference=reference,
         tune_seeds=tune_seeds,
         target=target,
         miss_factor=miss,
-        record_every=record_every,
+        snapshot_every=snapshot_every,
     )
+
+
+def _seed_list(spec: Any, start: Any, where: str) -> list[int]:
+    if isinstance(spec, bool) or not isinstance(start, int) or isinstance(start, bool):
+        raise ConfigError(f"{where} must be a count or a list of ints (with an int seed_start), got {spec!r}")
+    if isinstance(spec, int):
+        if spec < 1:
+            raise ConfigError(f"{where} must be >= 1, got {spec}")
+        return list(range(start, start + spec))
+    if isinstance(spec, list) and spec and all(isinstance(s, int) and not isinstance(s, bool) for s in spec):
+        return list(dict.fromkeys(spec))
+    raise ConfigError(f"{where} must be a count or a list of ints, got {spec!r}")
+
+
+def _grid(d: dict[str, Any], where: str) -> list[float] | None:
+    if "lrs" in d:
+        return _float_list(d["lrs"], f"{where}.lrs")
+    if any(k in d for k in ("low", "high", "num")):
+        lo = _float_list([d.get("low", 1e-3)], f"{where}.low")[0]
+        hi = _float_list([d.get("high", 3e-2)], f"{where}.high")[0]
+        return log_grid(lo, hi, int(d.get("num", 4)))
+    return None
+
+
+def _parse_optimizers(
+    values: dict[str, Any], tune: dict[str, Any], base: dict[str, Any]
+) -> list[BaseOptimizer]:
+    """The base optimizers: the `optimizers:` list, or one made of the workloads' own `model.optimizer`."""
+    raw = values.get("optimizers")
+    if raw is None:  # one base optimizer: the one the workloads name, tuned on `tune`'s grid (if any)
+        model = base.get("model") or {}
+        name = str(model.get("optimizer", "adam"))
+        return [BaseOptimizer(name=_check_name(name, "optimizer"), model={}, lrs=_grid(tune, "tune"))]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"compare config 'optimizers' must be a non-empty list, got {raw!r}")
+    out: list[BaseOptimizer] = []
+    for i, o in enumerate(raw):
+        _check_keys(o, _OPT_KEYS, f"optimizers[{i}]")
+        if "name" not in o:
+            raise ConfigError(f"optimizers[{i}] needs a 'name'")
+        name = _check_name(str(o["name"]), "optimizer")
+        if any(x.name == name for x in out):
+            raise ConfigError(f"optimizer name {name!r} appears twice; give each its own name")
+        model = _check_keys(
+            o.get("model") or {}, {f.name for f in dataclasses.fields(ModelConfig)}, f"optimizers[{i}].model"
+        )
+        if "lr" in model:
+            raise ConfigError(f"optimizers[{i}].model sets lr; give the grid as optimizers[{i}].lrs instead")
+        out.append(
+            BaseOptimizer(
+                name=name, model=dict(model), lrs=_grid(o, f"optimizers[{i}]") or _grid(tune, "tune")
+            )
+        )
+    return out
 
 
 def load_compare_config(path: str | Path, seeds: int | None = None) -> CompareConfig:

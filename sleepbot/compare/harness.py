@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import json
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sleepbot.compare.config import Arm, CompareConfig, Workload
 from sleepbot.compare.stats import (
@@ -26,7 +29,17 @@ from sleepbot.config import RunConfig, build_config, merge
 from sleepbot.errors import SleepbotError
 
 # --------------------------------------------------------------------------------------------- one run
-_NUMBERS_CODE = ("training.py", "models.py", "data.py", "neurons.py", "compare", "sleep", "forecast")
+# experiments.py sets each worker's torch threads, which change the float rounding of some kernels.
+_NUMBERS_CODE = (
+    "training.py",
+    "experiments.py",
+    "models.py",
+    "data.py",
+    "neurons.py",
+    "compare",
+    "sleep",
+    "forecast",
+)
 
 
 @functools.cache
@@ -59,10 +72,11 @@ def _numbers_key(config: dict[str, Any]) -> str:
     c["trainer"].pop("logger", None)
     opts = c["sleep"].get("options") or {}
     opts.pop("run", None)  # the oracle's source file: its numbers are in the no-sleep run's own key
-    # A forecaster is named by its contents, not its path: a retrained checkpoint at the same path gives new runs.
-    for holder in (c["sleep"], opts):
-        if isinstance(holder.get("forecaster"), str) and Path(holder["forecaster"]).is_file():
-            holder["forecaster"] = "sha1:" + hashlib.sha1(Path(holder["forecaster"]).read_bytes()).hexdigest()
+    # A file an option names (a forecaster, a NiNo checkpoint) counts by its contents, not its path: a retrained
+    # checkpoint at the same path gives new runs.
+    for key, value in opts.items():
+        if isinstance(value, str) and Path(value).is_file():
+            opts[key] = "sha1:" + hashlib.sha1(Path(value).read_bytes()).hexdigest()
     return hashlib.sha1(json.dumps(c, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -71,57 +85,75 @@ def run_stem(workload: str, arm: str, lr: float, seed: int, config: dict[str, An
     return f"{workload}__{arm}__lr{lr:.3g}__s{seed}__{_numbers_key(config)}"
 
 
-def _test_curve_callback():
-    """A callback that evaluates the test split at every validation, for the best test accuracy of a run.
+def _best_val_test_callback():
+    """A callback that keeps the weights of the best validation accuracy and, at the end of fit, evaluates them on
+    the test split once: the run's "test acc at best val" (the test set is looked at once for this figure, and once
+    for the final test accuracy; never at every validation).
 
-    Built in a function so that importing this module does not import Lightning. The evaluation runs in eval
-    mode under no_grad and draws no random numbers, so the run's trajectory is unchanged; its time is measured
-    and taken out of the run's wall-clock.
+    Built in a function so that importing this module does not import Lightning. The copy is taken right after
+    validation (so for Schedule-Free it holds the evaluation weights) and evaluated on a deep copy of the module,
+    so the run's trajectory is unchanged; its time is taken out of the run's wall-clock.
     """
+    import copy
+
     import pytorch_lightning as pl
     import torch
 
-    class TestCurve(pl.Callback):
+    class BestValTest(pl.Callback):
         def __init__(self) -> None:
-            self.steps: list[int] = []
-            self.accs: list[float] = []
+            self.best_acc = -1.0
+            self.best_step: int | None = None
+            self.best_state: dict[str, torch.Tensor] | None = None
+            self.test_acc: float | None = None
             self.seconds = 0.0
 
         def on_validation_end(self, trainer, pl_module) -> None:
-            if trainer.sanity_checking or (self.steps and self.steps[-1] == trainer.global_step):
+            if trainer.sanity_checking:
+                return
+            acc = trainer.callback_metrics.get("val_acc")
+            if acc is None or float(acc) <= self.best_acc:  # ties keep the earlier step
                 return
             t0 = time.perf_counter()
-            was_training = pl_module.training
-            pl_module.eval()
+            self.best_acc = float(acc)
+            self.best_step = int(trainer.global_step)
+            self.best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            self.seconds += time.perf_counter() - t0
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            if self.best_state is None:
+                return
+            t0 = time.perf_counter()
+            model = copy.deepcopy(pl_module)
+            model.load_state_dict(self.best_state)
+            model.eval()
             correct = total = 0
             with torch.no_grad():
                 for x, y in trainer.datamodule.test_dataloader():
-                    logits = pl_module(x.to(pl_module.device))
+                    logits = model(x.to(model.device))
                     correct += int((logits.argmax(1).cpu() == y).sum())
                     total += len(y)
-            pl_module.train(was_training)
-            self.steps.append(int(trainer.global_step))
-            self.accs.append(correct / max(total, 1))
+            self.test_acc = correct / max(total, 1)
             self.seconds += time.perf_counter() - t0
 
-    return TestCurve()
+    return BestValTest()
 
 
 def compare_task(config: dict[str, Any], json_path: str) -> dict[str, Any]:
     """A worker task: train one run of a comparison and save its result as JSON (atomically).
 
-    The result is `RunResult.to_dict()` plus `test_step`/`test_curve` (test accuracy at every validation) and
-    `wall_seconds` (training wall-clock including sleep, excluding the test evaluations).
+    The result is `RunResult.to_dict()` plus `best_val_step`/`test_acc_at_best_val` (the test accuracy of the
+    weights with the best validation accuracy) and `wall_seconds` (training wall-clock including sleep, excluding
+    that extra evaluation).
     """
     from sleepbot.training import run_training
 
     cfg = build_config(RunConfig, config)
     cfg.trainer.progress_bar = False
-    curve = _test_curve_callback()
-    result = run_training(cfg, callbacks=[curve], quiet=True).to_dict()
-    result["test_step"] = curve.steps
-    result["test_curve"] = curve.accs
-    result["wall_seconds"] = result["fit_seconds"] - curve.seconds
+    best = _best_val_test_callback()
+    result = run_training(cfg, callbacks=[best], quiet=True).to_dict()
+    result["best_val_step"] = best.best_step
+    result["test_acc_at_best_val"] = best.test_acc
+    result["wall_seconds"] = result["fit_seconds"] - best.seconds
     path = Path(json_path)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result))
@@ -144,10 +176,11 @@ class _Task:
 def _make_task(
     cfg: CompareConfig, out: Path, w: Workload, arm: Arm, lr: float, seed: int, phase: str
 ) -> _Task:
-    run = merge(w.run, {"seed": seed, "model": {"lr": lr}, "sleep": arm.sleep})
+    opt = cfg.optimizer(arm.optimizer)
+    run = merge(w.run, {"seed": seed, "model": {**opt.model, "lr": lr}, "sleep": arm.sleep})
     run_cfg = build_config(RunConfig, run)
     run_cfg.record.enabled = True
-    run_cfg.record.every_n_steps = cfg.record_every
+    run_cfg.record.every_n_steps = cfg.snapshot_every
     run_cfg.trainer.logger = "none"
     config = run_cfg.to_dict()
     stem = run_stem(w.name, arm.name, lr, seed, config)
@@ -157,6 +190,26 @@ def _make_task(
     # No JSON means the run never finished: its partial HDF5 file (ours, same stem) is redone from scratch.
     config["record"]["overwrite"] = True
     return _Task(w.name, arm.name, lr, seed, config, stem, phase)
+
+
+def check_arms(cfg: CompareConfig) -> None:
+    """Build every arm's Sleep callback once, so that a bad option, a missing checkpoint or a learned arm whose
+    settings do not fit its forecaster fails in one line before any run starts (the oracle's run file is the
+    only thing not checked: it is made by the comparison)."""
+    from sleepbot.sleep import sleep_from_config
+
+    for w in cfg.workloads:
+        for a in cfg.arms:
+            if a.sleep["strategy"] == "none":
+                continue
+            sleep = dict(a.sleep)
+            if sleep["strategy"] == "oracle":
+                sleep["options"] = {**(sleep.get("options") or {}), "run": "(made by the comparison)"}
+            probe = build_config(RunConfig, merge(w.run, {"sleep": sleep}))
+            try:
+                sleep_from_config(probe)
+            except SleepbotError as e:
+                raise SleepbotError(f"arm {a.name!r}: {e}") from None
 
 
 def _run_tasks(
@@ -230,69 +283,102 @@ def compare(
         )
     cfg_path.write_text(cfg_json)
     t0 = time.time()
-    none_arm = next(a for a in cfg.arms if a.sleep["strategy"] == "none")
     errors: dict[str, str] = {}
     records: list[dict[str, Any]] = []
+    alone = {a.optimizer: a for a in cfg.arms if a.sleep["strategy"] == "none"}  # each optimizer on its own
 
-    # Phase 1: tune the no-sleep baseline's lr per workload.
-    tuning: dict[str, Any] = {}
-    lr_of: dict[str, float] = {}
-    if cfg.tune_lrs:
-        tasks = [
-            _make_task(cfg, out, w, none_arm, lr, s, "tune")
-            for w in cfg.workloads
-            for lr in cfg.tune_lrs
-            for s in cfg.tune_seeds
-        ]
+    # Phase 1: tune every base optimizer's lr per workload, on the tuning seeds (never the table's seeds).
+    # The reference optimizer is tuned first by final accuracy (it defines the target); every other optimizer is
+    # then tuned to reach that target in the fewest steps (choose_lr), the metric the table reports.
+    tuning: dict[str, dict[str, Any]] = {w.name: {} for w in cfg.workloads}
+    lr_of: dict[tuple[str, str], float] = {}
+    tuned = [o for o in cfg.optimizers if o.lrs]
+    tasks = [
+        _make_task(cfg, out, w, alone[o.name], lr, s, "tune")
+        for w in cfg.workloads
+        for o in tuned
+        for lr in o.lrs or ()
+        for s in cfg.tune_seeds
+    ]
+    if tasks:
         if on_phase:
             on_phase("tune", len(tasks))
         res, err = _run_tasks(tasks, out, workers, "tune lr", progress)
         errors.update(err)
         for w in cfg.workloads:
-            table = {
-                lr: [res[t.stem] for t in tasks if t.workload == w.name and t.lr == lr and t.stem in res]
-                for lr in cfg.tune_lrs
-            }
-            lr, rows = choose_lr(table, cfg.miss_factor)
-            lr_of[w.name] = lr
-            tuning[w.name] = {
-                "lr": lr,
-                "grid": list(cfg.tune_lrs),
-                "seeds": list(cfg.tune_seeds),
-                "table": rows,
-            }
+            budget = int(build_config(RunConfig, w.run).trainer.max_steps)
+            target = cfg.target
+            for o in sorted(tuned, key=lambda o: o.name != cfg.reference):  # the reference first
+                arm = alone[o.name].name
+                table = {
+                    lr: [
+                        res[t.stem]
+                        for t in tasks
+                        if t.workload == w.name and t.arm == arm and t.lr == lr and t.stem in res
+                    ]
+                    for lr in o.lrs or ()
+                }
+                rule = (
+                    f"fewest median steps to val acc {target:.4f}"
+                    if target is not None
+                    else "best final val acc"
+                )
+                lr, rows = choose_lr(table, cfg.miss_factor, target=target, budget=budget)
+                if target is None and o.name == cfg.reference:
+                    target = float(np.median([r["val_acc"][-1] for r in table[lr] if r.get("val_acc")]))
+                lr_of[(w.name, o.name)] = lr
+                tuning[w.name][o.name] = {
+                    "lr": lr,
+                    "grid": list(o.lrs or ()),
+                    "seeds": list(cfg.tune_seeds),
+                    "rule": rule,
+                    "table": rows,
+                }
     for w in cfg.workloads:
-        if w.name not in lr_of:
-            lr_of[w.name] = float(build_config(RunConfig, w.run).model.lr)
-            tuning[w.name] = {"lr": lr_of[w.name], "grid": None, "seeds": [], "table": []}
+        for o in cfg.optimizers:
+            if (w.name, o.name) not in lr_of:
+                run = build_config(RunConfig, merge(w.run, {"model": o.model}))
+                lr_of[(w.name, o.name)] = float(run.model.lr)
+                tuning[w.name][o.name] = {
+                    "lr": lr_of[(w.name, o.name)],
+                    "grid": None,
+                    "seeds": [],
+                    "table": [],
+                }
 
-    # Phase 2: the no-sleep arm (the oracle reads its recordings), then phase 3: every other arm.
+    # Phase 2: every optimizer alone (the oracle reads these recordings), then phase 3: every sleep arm.
     base_tasks = [
-        _make_task(cfg, out, w, none_arm, lr_of[w.name], s, "none") for w in cfg.workloads for s in cfg.seeds
+        _make_task(cfg, out, w, a, lr_of[(w.name, o)], s, "none")
+        for w in cfg.workloads
+        for o, a in alone.items()
+        for s in cfg.seeds
     ]
     if on_phase:
         on_phase("none", len(base_tasks))
     base_res, err = _run_tasks(base_tasks, out, workers, "no sleep", progress)
     errors.update(err)
-    base_path = {(t.workload, t.seed): t.config["record"]["path"] for t in base_tasks if t.stem in base_res}
+    base_path = {
+        (t.workload, t.arm, t.seed): t.config["record"]["path"] for t in base_tasks if t.stem in base_res
+    }
 
     arm_tasks = []
     for w in cfg.workloads:
         for a in cfg.arms:
-            if a is none_arm:
+            if a.sleep["strategy"] == "none":
                 continue
             for s in cfg.seeds:
                 arm = a
                 if a.sleep["strategy"] == "oracle":
-                    if (w.name, s) not in base_path:
+                    key = (w.name, alone[a.optimizer].name, s)
+                    if key not in base_path:
                         errors[f"{w.name}__{a.name}__s{s}"] = (
                             "no recorded no-sleep run for the oracle to read"
                         )
                         continue
                     opts = dict(a.sleep.get("options") or {})
-                    opts["run"] = base_path[(w.name, s)]
-                    arm = Arm(a.name, {**a.sleep, "options": opts})
-                arm_tasks.append(_make_task(cfg, out, w, arm, lr_of[w.name], s, "arms"))
+                    opts["run"] = base_path[key]
+                    arm = dataclasses.replace(a, sleep={**a.sleep, "options": opts})
+                arm_tasks.append(_make_task(cfg, out, w, arm, lr_of[(w.name, a.optimizer)], s, "arms"))
     if on_phase:
         on_phase("arms", len(arm_tasks))
     arm_res, err = _run_tasks(arm_tasks, out, workers, "sleep arms", progress)

@@ -28,14 +28,26 @@ def _final_val(r: dict[str, Any]) -> float:
     return float(r["val_acc"][-1]) if r.get("val_acc") else float("nan")
 
 
-def choose_lr(table: dict[float, list[dict[str, Any]]], miss_factor: float = 2.0) -> tuple[float, list[dict]]:
-    """The lr with the best median final validation accuracy; ties go to fewer median steps to reach it.
+def choose_lr(
+    table: dict[float, list[dict[str, Any]]],
+    miss_factor: float = 2.0,
+    target: float | None = None,
+    budget: int | None = None,
+) -> tuple[float, list[dict]]:
+    """The one lr-tuning rule of sleepbot.
+
+    Without a target (the reference optimizer, whose tuned runs define the target): the lr with the best median
+    final validation accuracy; ties (accuracies are multiples of 1/len(val set)) go to fewer median steps to reach
+    it. With a target (every other base optimizer): the lr with the fewest median steps to the target, a miss
+    counting `miss_factor` x the budget; ties go to the higher median final accuracy, then the smaller lr.
 
     Args:
-        table: {lr: [run results]}.
+        table: {lr: [run results]} of the tuning seeds.
+        target: the validation accuracy to reach, or None.
+        budget: the step budget (default: each run's max_steps).
 
     Returns:
-        (chosen lr, one row per lr: lr, median final val acc, median steps to that accuracy, n).
+        (chosen lr, one row per lr: lr, median final val acc, median steps to target or to the best accuracy, n).
     """
     rows = []
     for lr, runs in sorted(table.items()):
@@ -47,21 +59,31 @@ def choose_lr(table: dict[float, list[dict[str, Any]]], miss_factor: float = 2.0
     )
     if best is None:
         raise SleepbotError("every tuning run failed; see the errors above")
+    goal = best if target is None else target
     for row in rows:
         runs = table[row["lr"]]
-        row["median_steps_to_best"] = float(
+        row["median_steps_to_target" if target is not None else "median_steps_to_best"] = float(
             np.median(
                 [
                     steps_to_target(
-                        r["val_step"], r["val_acc"], best, r["config"]["trainer"]["max_steps"], miss_factor
+                        r["val_step"],
+                        r["val_acc"],
+                        goal,
+                        budget or r["config"]["trainer"]["max_steps"],
+                        miss_factor,
                     )
                     for r in runs
                 ]
             )
+            if runs
+            else float("inf")
         )
-    # Ties: accuracies are multiples of 1/len(val set), so equal medians are real ties, broken by speed.
-    tied = [r for r in rows if r["median_final_val_acc"] == best]
-    chosen = min(tied, key=lambda r: (r["median_steps_to_best"], r["lr"]))
+    if target is None:
+        tied = [r for r in rows if r["median_final_val_acc"] == best]
+        chosen = min(tied, key=lambda r: (r["median_steps_to_best"], r["lr"]))
+    else:
+        ok = [r for r in rows if r["n"]]
+        chosen = min(ok, key=lambda r: (r["median_steps_to_target"], -r["median_final_val_acc"], r["lr"]))
     return float(chosen["lr"]), rows
 
 
@@ -73,7 +95,9 @@ def _arm_stats(
     steps = [steps_to_target(r["val_step"], r["val_acc"], target, budget, miss_factor) for r in rs]
     hit_steps = [s for s in steps if s <= budget]
     final_test = [r.get("test_acc") if r.get("test_acc") is not None else float("nan") for r in rs]
-    best_test = [max(r["test_curve"]) if r.get("test_curve") else float("nan") for r in rs]
+    best_val_test = [
+        r["test_acc_at_best_val"] if r.get("test_acc_at_best_val") is not None else float("nan") for r in rs
+    ]
     aucs = [curve_auc(r["val_step"], r["val_acc"]) if r.get("val_acc") else float("nan") for r in rs]
     walls = [float(r.get("wall_seconds", r.get("fit_seconds", float("nan")))) for r in rs]
     sleeps = [sum(1 for e in r.get("events") or [] if e.get("accepted", True)) for r in rs]
@@ -88,7 +112,7 @@ def _arm_stats(
         "steps": s(steps),
         "misses": len(steps) - len(hit_steps),
         "final_test_acc": s(final_test),
-        "best_test_acc": s(best_test),
+        "test_acc_at_best_val": s(best_val_test),
         "final_val_acc": s([_final_val(r) for r in rs]),
         "auc": s(aucs),
         "wall_seconds": s(walls),
@@ -101,23 +125,40 @@ def _steps_of(arm_stats: dict[str, Any], seeds: list[int]) -> list[float]:
     return [arm_stats["steps_to_target"][arm_stats["seeds"].index(s)] for s in seeds]
 
 
+def _paired_vs(base: dict[str, Any], arm: dict[str, Any], n_boot: int, name: str) -> dict[str, Any] | None:
+    """The arm's speedup over `base` (another arm's stats), paired by seed; None without common seeds."""
+    paired = sorted(set(base["seeds"]) & set(arm["seeds"]))
+    if not paired:
+        return None
+    sp = dataclasses.asdict(paired_speedup(_steps_of(base, paired), _steps_of(arm, paired), n_boot=n_boot))
+    sp["vs"] = name
+    sp["n_pairs"] = len(paired)
+    return sp
+
+
 def summarize_comparison(
     cfg: CompareConfig, runs: list[dict[str, Any]], tuning: dict[str, Any]
 ) -> dict[str, Any]:
     """Turn finished runs into the per-workload, per-arm statistics of results.json.
 
+    Per arm: steps to target, accuracies, wall-clock; `speedup` over the baseline (`none` on the reference
+    optimizer) and `speedup_vs_best` over the best tuned alternative (the other base optimizers alone: the one
+    with the fewest median steps on these seeds, which favours the alternative); `fraction_of_oracle`: its step
+    saving over its own base optimizer alone, as a fraction of the oracle's on the same base optimizer.
+
     Args:
         cfg: the comparison.
         runs: run records: {"workload", "arm", "seed", "lr", "stem", "result"}.
-        tuning: {workload: {"lr", "grid", "table"}}.
+        tuning: {workload: {optimizer: {"lr", "grid", "seeds", "rule", "table"}}}.
     """
     out: dict[str, Any] = {}
+    none_name = cfg.baseline.name
+    alone = {a.optimizer: a.name for a in cfg.arms if a.sleep["strategy"] == "none"}
     for w in cfg.workloads:
         by_arm: dict[str, dict[int, dict[str, Any]]] = {a.name: {} for a in cfg.arms}
         for rec in runs:
             if rec["workload"] == w.name and rec["arm"] in by_arm:
                 by_arm[rec["arm"]][rec["seed"]] = rec["result"]
-        none_name = next(a.name for a in cfg.arms if a.sleep["strategy"] == "none")
         base = by_arm[none_name]
         budget = int(build_config(RunConfig, w.run).trainer.max_steps)
         if cfg.target is not None:
@@ -127,53 +168,77 @@ def summarize_comparison(
             target_source = f"median final val acc of '{none_name}'"
         else:
             raise SleepbotError(f"workload {w.name!r}: every no-sleep run failed, so there is no target")
-        arms = {}
+        tuned = tuning.get(w.name) or {}
+        arms: dict[str, Any] = {}
         for a in cfg.arms:
+            info = {
+                "strategy": a.sleep["strategy"],
+                "optimizer": a.optimizer,
+                "lr": (tuned.get(a.optimizer) or {}).get("lr"),
+                "chosen_on": a.chosen_on,
+            }
             if not by_arm[a.name]:
-                arms[a.name] = {"n": 0, "strategy": a.sleep["strategy"]}
+                arms[a.name] = {"n": 0, **info}
                 continue
             st = _arm_stats(by_arm[a.name], target, budget, cfg.miss_factor, cfg.n_boot)
-            st["strategy"] = a.sleep["strategy"]
-            st["sleep"] = a.sleep
-            paired = sorted(set(by_arm[a.name]) & set(base))
-            if a.name != none_name and len(paired) >= 1:
-                b = [
-                    steps_to_target(base[s]["val_step"], base[s]["val_acc"], target, budget, cfg.miss_factor)
-                    for s in paired
-                ]
-                x = [st["steps_to_target"][st["seeds"].index(s)] for s in paired]
-                sp = paired_speedup(b, x, n_boot=cfg.n_boot)
-                st["speedup"] = dataclasses.asdict(sp)
+            st.update(info, sleep=a.sleep)
             arms[a.name] = st
-        # Each arm's step saving as a fraction of the oracle's (the most its schedule could gain).
-        oracle = next((a.name for a in cfg.arms if a.sleep["strategy"] == "oracle" and by_arm[a.name]), None)
-        if oracle is not None:
-            for a in cfg.arms:
-                if a.name in (none_name, oracle) or not by_arm[a.name]:
-                    continue
-                paired = sorted(set(by_arm[a.name]) & set(base) & set(by_arm[oracle]))
-                if not paired:
-                    continue
-
-                v, lo, hi = fraction_of_oracle(
-                    _steps_of(arms[none_name], paired),
-                    _steps_of(arms[a.name], paired),
-                    _steps_of(arms[oracle], paired),
-                    cfg.n_boot,
-                )
-                arms[a.name]["fraction_of_oracle"] = {"value": v, "lo": lo, "hi": hi, "oracle": oracle}
+        alternatives = [alone[o] for o in alone if o != cfg.reference and arms[alone[o]].get("n")]
+        best_alt = min(
+            alternatives,
+            key=lambda n: (arms[n]["steps"]["median"], -(arms[n]["final_val_acc"]["median"] or 0)),
+            default=None,
+        )
+        for a in cfg.arms:
+            st = arms[a.name]
+            if not st.get("n"):
+                continue
+            if a.name != none_name and arms[none_name].get("n"):
+                st["speedup"] = _paired_vs(arms[none_name], st, cfg.n_boot, none_name)
+            if best_alt is not None and a.name != best_alt:
+                st["speedup_vs_best"] = _paired_vs(arms[best_alt], st, cfg.n_boot, best_alt)
+        # Each sleep arm's step saving as a fraction of the oracle's on the same base optimizer.
+        for a in cfg.arms:
+            if a.sleep["strategy"] in ("none", "oracle") or not arms[a.name].get("n"):
+                continue
+            oracle = next(
+                (
+                    o.name
+                    for o in cfg.arms
+                    if o.sleep["strategy"] == "oracle"
+                    and o.optimizer == a.optimizer
+                    and arms[o.name].get("n")
+                ),
+                None,
+            )
+            ref = arms[alone[a.optimizer]]
+            if oracle is None or not ref.get("n"):
+                continue
+            paired = sorted(set(arms[a.name]["seeds"]) & set(ref["seeds"]) & set(arms[oracle]["seeds"]))
+            if not paired:
+                continue
+            v, lo, hi = fraction_of_oracle(
+                _steps_of(ref, paired),
+                _steps_of(arms[a.name], paired),
+                _steps_of(arms[oracle], paired),
+                cfg.n_boot,
+            )
+            arms[a.name]["fraction_of_oracle"] = {"value": v, "lo": lo, "hi": hi, "oracle": oracle}
         out[w.name] = {
             "target": target,
             "target_source": target_source,
             "budget": budget,
             "baseline": none_name,
-            "tuning": tuning.get(w.name),
+            "reference": cfg.reference,
+            "best_alternative": best_alt,
+            "tuning": tuned,
             "arms": arms,
         }
     return out
 
 
 def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per workload and arm (results.csv and results.json's `headline`)."""
     rows = []
     for wname, w in results["workloads"].items():
         for aname, a in w["arms"].items():
@@ -181,13 +246,15 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append({"workload": wname, "arm": aname, "n": 0})
                 continue
             sp = a.get("speedup") or {}
+            sb = a.get("speedup_vs_best") or {}
             fo = a.get("fraction_of_oracle") or {}
             rows.append(
                 {
                     "workload": wname,
                     "arm": aname,
                     "strategy": a["strategy"],
-                    "lr": (w.get("tuning") or {}).get("lr"),
+                    "optimizer": a.get("optimizer"),
+                    "lr": a.get("lr"),
                     "n": a["n"],
                     "target": w["target"],
                     "steps_median": a["steps"]["median"],
@@ -198,8 +265,12 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "speedup_lo": sp.get("lo"),
                     "speedup_hi": sp.get("hi"),
                     "p_wilcoxon": sp.get("p_value"),
+                    "best_alternative": w.get("best_alternative"),
+                    "speedup_vs_best": sb.get("ratio"),
+                    "speedup_vs_best_lo": sb.get("lo"),
+                    "speedup_vs_best_hi": sb.get("hi"),
                     "final_test_acc": a["final_test_acc"]["median"],
-                    "best_test_acc": a["best_test_acc"]["median"],
+                    "test_acc_at_best_val": a["test_acc_at_best_val"]["median"],
                     "final_val_acc": a["final_val_acc"]["median"],
                     "auc_val_acc": a["auc"]["median"],
                     "wall_seconds": a["wall_seconds"]["median"],
@@ -207,6 +278,7 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "fraction_of_oracle": fo.get("value"),
                     "fraction_of_oracle_lo": fo.get("lo"),
                     "fraction_of_oracle_hi": fo.get("hi"),
+                    "chosen_on": a.get("chosen_on"),
                 }
             )
     return rows
@@ -216,6 +288,7 @@ CSV_COLUMNS = (
     "workload",
     "arm",
     "strategy",
+    "optimizer",
     "lr",
     "n",
     "target",
@@ -227,8 +300,12 @@ CSV_COLUMNS = (
     "speedup_lo",
     "speedup_hi",
     "p_wilcoxon",
+    "best_alternative",
+    "speedup_vs_best",
+    "speedup_vs_best_lo",
+    "speedup_vs_best_hi",
     "final_test_acc",
-    "best_test_acc",
+    "test_acc_at_best_val",
     "final_val_acc",
     "auc_val_acc",
     "wall_seconds",
@@ -236,6 +313,7 @@ CSV_COLUMNS = (
     "fraction_of_oracle",
     "fraction_of_oracle_lo",
     "fraction_of_oracle_hi",
+    "chosen_on",
 )
 
 
@@ -285,39 +363,133 @@ def load_runs(out: str | Path, workload: str | None = None) -> dict[str, list[di
     return groups
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """The headline table as fixed-width text (what `compare` and `demo` print)."""
-    lines = []
-    for wname, w in results["workloads"].items():
-        t = w.get("tuning") or {}
-        grid = t.get("grid")
-        tuned = (
-            f"lr {t.get('lr'):.3g} (tuned on {', '.join(f'{x:.3g}' for x in grid)})"
-            if grid
-            else f"lr {t.get('lr')}"
+TABLE_HEADER = (
+    "arm",
+    "base optimizer (lr)",
+    "n",
+    "steps to target, median [95% CI]",
+    "misses",
+    "vs none [95% CI]",
+    "Wilcoxon p",
+    "vs best alternative [95% CI]",
+    "final test acc",
+    "test acc at best val",
+    "AUC val acc",
+    "wall s",
+    "saving / oracle's",
+)
+
+
+def _ratio(sp: dict[str, Any] | None, baseline: str) -> str:
+    if not sp:
+        return baseline
+    return f"{_f(sp['ratio'], 2)}x [{_f(sp['lo'], 2)}, {_f(sp['hi'], 2)}]"
+
+
+def table_rows(workload: dict[str, Any], show_speedup: bool = True) -> list[list[str]]:
+    """The rows (strings, TABLE_HEADER's columns) of one workload's results table: the one table of sleepbot, used
+    by the CLI, the report, docs/ and the README. `show_speedup=False` blanks the speedup columns (an untuned lr)."""
+    rows = []
+    best = workload.get("best_alternative")
+    for name, a in workload["arms"].items():
+        opt = f"{a.get('optimizer', '')} ({_g(a.get('lr'))})"
+        if not a.get("n"):
+            rows.append([name, opt, "0"] + ["-"] * (len(TABLE_HEADER) - 3))
+            continue
+        st, fo = a["steps"], a.get("fraction_of_oracle")
+        sp = a.get("speedup") if show_speedup else None
+        sb = a.get("speedup_vs_best") if show_speedup else None
+        rows.append(
+            [
+                name,
+                opt,
+                str(a["n"]),
+                f"{_f(st['median'], 0)} [{_f(st['lo'], 0)}, {_f(st['hi'], 0)}]",
+                str(a["misses"]),
+                _ratio(
+                    sp, "(baseline)" if a.get("strategy") == "none" and name == workload["baseline"] else "-"
+                ),
+                _f(sp["p_value"], 3) if sp else "-",
+                _ratio(sb, "(best alternative)" if name == best else "-"),
+                _f(a["final_test_acc"]["median"], 4),
+                _f(a["test_acc_at_best_val"]["median"], 4),
+                _f(a["auc"]["median"], 3),
+                _f(a["wall_seconds"]["median"], 1),
+                f"{_f(fo['value'], 2)} [{_f(fo['lo'], 2)}, {_f(fo['hi'], 2)}]"
+                if fo and show_speedup
+                else "-",
+            ]
         )
-        lines.append(
-            f"{wname}: target val acc {w['target']:.4f} ({w['target_source']}), {tuned}, budget {w['budget']} steps"
-        )
-        head = f"  {'arm':<18}{'n':>3}  {'steps to target [95% CI]':<26}{'miss':>5}  {'speedup [95% CI]':<20}{'p':>7}  {'test acc':>8}  {'best':>6}  {'AUC':>6}  {'wall s':>7}  {'of oracle':>9}"
-        lines.append(head)
-        for aname, a in w["arms"].items():
-            if not a.get("n"):
-                lines.append(f"  {aname:<18}{0:>3}  (no finished runs)")
-                continue
-            st = a["steps"]
-            steps = f"{_f(st['median'], 0)} [{_f(st['lo'], 0)}, {_f(st['hi'], 0)}]"
-            sp = a.get("speedup")
-            speed = f"{_f(sp['ratio'], 2)}x [{_f(sp['lo'], 2)}, {_f(sp['hi'], 2)}]" if sp else "-"
-            p = _f(sp["p_value"], 3) if sp else "-"
-            fo = a.get("fraction_of_oracle")
-            frac = _f(fo["value"], 2) if fo else "-"
-            lines.append(
-                f"  {aname:<18}{a['n']:>3}  {steps:<26}{a['misses']:>5}  {speed:<20}{p:>7}  "
-                f"{_f(a['final_test_acc']['median'], 4):>8}  {_f(a['best_test_acc']['median'], 3):>6}  "
-                f"{_f(a['auc']['median'], 3):>6}  {_f(a['wall_seconds']['median'], 1):>7}  {frac:>9}"
+    return rows
+
+
+def table_notes(results: dict[str, Any], wname: str) -> list[str]:
+    """The sentences that belong under a workload's table: target, budget, how each lr was tuned, which seeds chose
+    each arm's settings, and the caveats of peer arms."""
+    w = results["workloads"][wname]
+    cfg = results["config"]
+    seeds = cfg["seeds"]
+    notes = [
+        f"{len(seeds)} paired seeds ({_span(seeds)}); target val acc {w['target']:.4f} ({w['target_source']}); "
+        f"budget {w['budget']} steps (a miss counts as {cfg['miss_factor']:g}x); speedup = median steps of the "
+        f"reference / of the arm (> 1 is faster), paired BCa 95% CI."
+    ]
+    for opt, t in (w.get("tuning") or {}).items():
+        if t.get("grid"):
+            notes.append(
+                f"{opt}: lr {_g(t['lr'])} chosen on tuning seeds {_span(t['seeds'])} from "
+                f"{', '.join(_g(x) for x in t['grid'])} ({t.get('rule', 'best final val acc')})."
             )
-    return "\n".join(lines)
+        else:
+            notes.append(f"{opt}: lr {_g(t['lr'])} NOT tuned.")
+    if w.get("best_alternative"):
+        notes.append(
+            f"Best alternative: {w['best_alternative']} (the base optimizer alone with the fewest median steps "
+            f"on these seeds)."
+        )
+    for name, a in w["arms"].items():
+        if a.get("chosen_on"):
+            notes.append(f"{name}: settings chosen on {a['chosen_on']}.")
+        if a.get("strategy") == "nino":
+            spacing = (a.get("sleep") or {}).get("snapshot_every") or "the default 10"
+            notes.append(
+                f"{name}: NiNo's WNN+ model, whose training states were 200 steps apart; here its states are "
+                f"{spacing} steps apart (out of its training distribution)."
+            )
+    return notes
+
+
+def format_table(results: dict[str, Any], markdown: bool = False, show_speedup: bool = True) -> str:
+    """Every workload's results table, as fixed-width text (the CLI) or Markdown (report.md, docs/, README)."""
+    lines: list[str] = []
+    for wname in results["workloads"]:
+        rows = table_rows(results["workloads"][wname], show_speedup)
+        notes = table_notes(results, wname)
+        if markdown:
+            lines.append(f"**{wname}**\n")
+            lines.append("| " + " | ".join(TABLE_HEADER) + " |")
+            lines.append("|" + "|".join("---" for _ in TABLE_HEADER) + "|")
+            lines.extend("| " + " | ".join(r) + " |" for r in rows)
+            lines.append("")
+            lines.extend(notes)
+            lines.append("")
+        else:
+            lines.append(f"{wname}: " + notes[0])
+            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(TABLE_HEADER)]
+            lines.append("  " + "  ".join(h.ljust(n) for h, n in zip(TABLE_HEADER, widths)))
+            lines.extend("  " + "  ".join(c.ljust(n) for c, n in zip(r, widths)) for r in rows)
+            lines.extend("  " + n for n in notes[1:])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _span(seeds: list[int]) -> str:
+    if seeds and list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def _g(x: Any) -> str:
+    return "-" if x is None else f"{x:.3g}"
 
 
 def _f(x: Any, digits: int) -> str:

@@ -57,43 +57,10 @@ def ci(d: dict[str, Any] | None, digits: int) -> str:
 
 
 def headline_table(workload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The headline table of one workload: (header, rows of strings)."""
-    header = [
-        "arm",
-        "n",
-        "steps to target, median [95% CI]",
-        "misses",
-        "speedup vs none [95% CI]",
-        "Wilcoxon p",
-        "final test acc",
-        "best test acc",
-        "AUC val acc",
-        "wall s",
-        "saving / oracle's",
-    ]
-    rows = []
-    for name, a in workload["arms"].items():
-        if not a.get("n"):
-            rows.append([name, "0"] + ["-"] * (len(header) - 2))
-            continue
-        sp = a.get("speedup")
-        fo = a.get("fraction_of_oracle")
-        rows.append(
-            [
-                name,
-                str(a["n"]),
-                ci(a["steps"], 0),
-                str(a["misses"]),
-                f"{fmt(sp['ratio'], 2)}x [{fmt(sp['lo'], 2)}, {fmt(sp['hi'], 2)}]" if sp else "(baseline)",
-                fmt(sp["p_value"], 3) if sp else "-",
-                fmt(a["final_test_acc"]["median"], 4),
-                fmt(a["best_test_acc"]["median"], 4),
-                fmt(a["auc"]["median"], 3),
-                fmt(a["wall_seconds"]["median"], 1),
-                f"{fmt(fo['value'], 2)} [{fmt(fo['lo'], 2)}, {fmt(fo['hi'], 2)}]" if fo else "-",
-            ]
-        )
-    return header, rows
+    """The headline table of one workload: (header, rows of strings); the comparison's own table renderer."""
+    from sleepbot.compare import TABLE_HEADER, table_rows
+
+    return list(TABLE_HEADER), table_rows(workload)
 
 
 def add_table(sec: Section, header: list[str], rows: list[list[str]]) -> None:

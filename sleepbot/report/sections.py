@@ -16,19 +16,17 @@ from sleepbot.report.page import SECTIONS, Figures, Section, add_table, fmt, hea
 
 # ------------------------------------------------------------------------------------------- sections
 def _summary(sec: Section, results: dict[str, Any]) -> None:
+    from sleepbot.compare import table_notes
+
     for wname, w in results["workloads"].items():
-        t = w.get("tuning") or {}
-        grid = t.get("grid")
-        lr = f"lr {fmt(t.get('lr'), 4)}" + (" (tuned)" if grid else " (not tuned)")
         sec.html.append(f"<h3>{html.escape(wname)}</h3>")
         sec.md.append(f"### {wname}\n")
-        sec.text(
-            f"Target: validation accuracy {w['target']:.4f} ({w['target_source']}); budget {w['budget']} steps "
-            f"(a miss counts as {results['config']['miss_factor']:g}x); {lr}. "
-            "Speedup = median steps of none / median steps of the arm (> 1 is faster)."
-        )
+        notes = table_notes(results, wname)
+        sec.text(notes[0])
         header, rows = headline_table(w)
         add_table(sec, header, rows)
+        for n in notes[1:]:
+            sec.text(n)
         base = w["arms"].get(w["baseline"], {})
         for name, a in w["arms"].items():
             sp = a.get("speedup")
@@ -56,47 +54,70 @@ def _setup(sec: Section, results: dict[str, Any]) -> None:
     cfg = results["config"]
     sec.text(
         f"Seeds: {', '.join(map(str, cfg['seeds']))} (the same in every arm). "
-        f"Each run records weight snapshots every {cfg['record_every']} steps."
+        f"Each run records weight snapshots every {cfg['snapshot_every']} steps."
     )
     for wname, w in results["workloads"].items():
-        t = w.get("tuning") or {}
         sec.html.append(f"<h3>{html.escape(wname)}</h3>")
         sec.md.append(f"### {wname}\n")
         run = next(x["run"] for x in cfg["workloads"] if x["name"] == wname)
         data, model, trainer = run.get("data", {}), run.get("model", {}), run.get("trainer", {})
         sec.text(
-            f"data {data.get('name', 'digits')}, arch {model.get('arch', 'small_cnn')}, optimizer "
-            f"{model.get('optimizer', 'adam')}, {trainer.get('max_steps', w['budget'])} steps, validation every "
+            f"data {data.get('name', 'digits')}, arch {model.get('arch', 'small_cnn')}, "
+            f"{trainer.get('max_steps', w['budget'])} steps, validation every "
             f"{trainer.get('val_every_n_steps', 10)} steps."
         )
-        if t.get("grid"):
+        for opt, t in (w.get("tuning") or {}).items():
+            if not t.get("grid"):
+                sec.note(
+                    f"{opt}: the learning rate ({fmt(t.get('lr'), 4)}) was NOT tuned: speedups may be lr effects."
+                )
+                continue
             sec.text(
-                f"The no-sleep baseline's learning rate was tuned first on seeds {t['seeds']}: the lr with the best "
-                f"median final validation accuracy (ties: fewer steps to reach it) is used by every arm."
+                f"{opt}: the learning rate was tuned on seeds {t['seeds']} (never the table's seeds), rule: "
+                f"{t.get('rule', 'best final val acc')}; every arm on {opt} uses the chosen lr."
+            )
+            steps_key = (
+                next(
+                    (k for k in ("median_steps_to_target", "median_steps_to_best") if k in t["table"][0]),
+                    None,
+                )
+                if t["table"]
+                else None
             )
             rows = [
                 [
                     fmt(r["lr"], 4) + (" (chosen)" if r["lr"] == t["lr"] else ""),
                     str(r["n"]),
                     fmt(r["median_final_val_acc"], 4),
-                    fmt(r.get("median_steps_to_best"), 0),
+                    fmt(r.get(steps_key) if steps_key else None, 0),
                 ]
                 for r in t["table"]
             ]
-            add_table(sec, ["lr", "runs", "median final val acc", "median steps to the best accuracy"], rows)
+            what = (
+                "median steps to the target"
+                if steps_key == "median_steps_to_target"
+                else "median steps to the best accuracy"
+            )
+            add_table(sec, ["lr", "runs", "median final val acc", what], rows)
             if len(t["grid"]) > 1 and t["lr"] in (min(t["grid"]), max(t["grid"])):
                 sec.note(
-                    f"The chosen lr {fmt(t['lr'], 4)} is at the edge of the grid: the best lr may lie beyond it, "
-                    "and the baseline may be under-tuned. Extend the grid to be sure."
+                    f"{opt}: the chosen lr {fmt(t['lr'], 4)} is at the edge of the grid: the best lr may lie beyond "
+                    "it, and this optimizer may be under-tuned. Extend the grid to be sure."
                 )
-        else:
-            sec.note(f"The learning rate ({fmt(t.get('lr'), 4)}) was NOT tuned: speedups may be lr effects.")
     rows = []
     for a in cfg["arms"]:
         s = dict(a["sleep"])
         strategy = s.pop("strategy")
-        rows.append([a["name"], strategy, ", ".join(f"{k}={v}" for k, v in sorted(s.items())) or "defaults"])
-    add_table(sec, ["arm", "strategy", "sleep settings"], rows)
+        rows.append(
+            [
+                a["name"],
+                strategy,
+                a.get("optimizer", ""),
+                ", ".join(f"{k}={v}" for k, v in sorted(s.items())) or "defaults",
+                a.get("chosen_on") or "-",
+            ]
+        )
+    add_table(sec, ["arm", "strategy", "base optimizer", "sleep settings", "settings chosen on"], rows)
 
 
 def _dynamics(sec: Section, out: Path, results: dict[str, Any], workload: str) -> None:
