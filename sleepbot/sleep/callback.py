@@ -77,12 +77,29 @@ RESUMABLE = (
     "plateau_delta",
     "seed",
     "buffer_device",
+    "jump_scales",
 )
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
     """`t` in the dtype jumps are computed in: float32 for bf16/fp16 weights, float64 and float32 as they are."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _check_scales(scales: list[float] | None, check_batches: int) -> tuple[float, ...] | None:
+    if scales is None:
+        return None
+    try:
+        values = sorted({0.0, *(float(x) for x in scales)})
+    except (TypeError, ValueError):
+        raise SleepbotError(f"sleep jump_scales must be a list of numbers >= 0, got {scales!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise SleepbotError(f"sleep jump_scales must be a list of numbers >= 0, got {scales!r}")
+    if check_batches < 1:
+        raise SleepbotError(
+            "sleep jump_scales judges each scale on held training batches: set check_batches >= 1"
+        )
+    return tuple(values)
 
 
 def default_loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -127,6 +144,12 @@ class Sleep(pl.Callback):
         buffer_device: where the ring buffer and the held batches live, e.g. `cpu` to keep them in host memory
             for a model on an accelerator (each jump then copies its history to the model's device);
             None: on each parameter's own device.
+        jump_scales: the adaptive jump. Candidate fractions s of the proposed displacement (the jump written is
+            w + s * (proposal - w)); each is judged by the loss on the held training batches (`check_batches` of
+            them, BatchNorm statistics re-estimated for each candidate), and the lowest wins. 0 (no jump) is always
+            a candidate, so a jump is taken only when some scale lowers the held loss. None: the proposal as it is
+            (with `tolerance` deciding). Its cost, `check_batches` forward passes per candidate (twice with
+            BatchNorm), is in each event's `probe_forwards` and in the run's wall-clock.
         **options: the strategy's own options when it is given by name (e.g. alpha=0.01 for `noise`).
     """
 
@@ -153,6 +176,7 @@ class Sleep(pl.Callback):
         plateau_delta: float = 0.005,
         seed: int = 0,
         buffer_device: str | None = None,
+        jump_scales: list[float] | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -196,6 +220,7 @@ class Sleep(pl.Callback):
             raise SleepbotError(
                 f"unknown sleep buffer_device {buffer_device!r}; valid: None, cpu, cuda, cuda:0, mps, ..."
             ) from None
+        self.jump_scales = _check_scales(jump_scales, self.check_batches)
         self.events: list[dict[str, Any]] = []
         self._layers: dict[str, torch.nn.Module] = {}
         self._final_step = 0  # the Trainer's max_steps (0: unknown), set at fit start
@@ -258,6 +283,7 @@ class Sleep(pl.Callback):
             "plateau_delta": self.plateau_delta,
             "seed": self.seed,
             "buffer_device": None if self.buffer_device is None else str(self.buffer_device),
+            "jump_scales": None if self.jump_scales is None else list(self.jump_scales),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -491,6 +517,8 @@ class Sleep(pl.Callback):
         saved_norms = norm_state(norms)
         if checked:
             out["loss_before"] = self._held_loss(trainer, pl_module, norms)
+        if checked and self.jump_scales is not None:
+            return self._probe(trainer, pl_module, norms, saved_norms, current, proposal, total, out)
         self._write(proposal)
         if checked:
             after = self._held_loss(
@@ -504,6 +532,50 @@ class Sleep(pl.Callback):
                 out["reason"] = f"loss: {after:.4g} > {limit:.4g}"
                 return out
         out.update(accepted=True, reason="ok", weights=proposal, old=current)
+        if norms:
+            out["norms"] = norm_state(norms)
+            out["norm_names"] = self._norm_names(pl_module, norms)
+        return out
+
+    def _probe(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        norms: list[nn.Module],
+        saved_norms: list[dict[str, torch.Tensor]],
+        current: dict[str, torch.Tensor],
+        proposal: dict[str, torch.Tensor],
+        total: float,
+        out: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The adaptive jump: the scale of the proposed displacement with the lowest held loss (0 included)."""
+        per_eval = len(self._held) * (2 if norms else 1)  # forward passes of one held-loss evaluation
+        losses = {0.0: out["loss_before"]}
+        for scale in self.jump_scales:
+            if scale == 0.0:
+                continue
+            self._write({n: current[n] + scale * (proposal[n] - current[n]) for n in current})
+            losses[scale] = self._held_loss(trainer, pl_module, norms)
+        finite = {k: v for k, v in losses.items() if math.isfinite(v)}
+        best = min(finite, key=lambda k: (finite[k], k)) if finite else 0.0  # ties: the smaller jump
+        out["probe"] = {str(k): v for k, v in losses.items()}
+        out["scale"] = best
+        out["probe_forwards"] = per_eval * len(losses)
+        if best == 0.0:
+            self._write(
+                current
+            )  # no scale lowers the held loss: the weights and statistics stay, bit for bit
+            set_norm_state(norms, saved_norms)
+            out["rel_jump"] = 0.0
+            out["reason"] = "probe: no scale lowers the held loss"
+            return out
+        chosen = {n: current[n] + best * (proposal[n] - current[n]) for n in current}
+        self._write(chosen)
+        out["loss_after"] = self._held_loss(trainer, pl_module, norms)  # statistics for the chosen weights
+        out["probe_forwards"] += per_eval
+        moved = sum(float((chosen[n] - current[n]).pow(2).sum()) for n in chosen)
+        out["rel_jump"] = math.sqrt(moved / total) if total > 0 else 0.0
+        out.update(accepted=True, reason=f"ok (scale {best:g})", weights=chosen, old=current)
         if norms:
             out["norms"] = norm_state(norms)
             out["norm_names"] = self._norm_names(pl_module, norms)
@@ -574,6 +646,12 @@ class Sleep(pl.Callback):
             "rel_jump": float(decision["rel_jump"]),
             "seconds": time.perf_counter() - t0,
         }
+        if "scale" in decision:  # the adaptive jump's choice and its cost
+            event.update(
+                scale=float(decision["scale"]),
+                probe_forwards=int(decision["probe_forwards"]),
+                probe={k: float(v) for k, v in decision["probe"].items()},
+            )
         self.events.append(event)
         self._log(trainer, event)
         return event
