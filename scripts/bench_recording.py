@@ -48,11 +48,11 @@ from sleepbot.training import run_training
 # extra callback that overrides the same hooks and does nothing; the recorder with no snapshot after step 0.
 ARMS: dict[str, dict | None] = {
     "none": None,
-    "default": {"every_n_steps": 10},
-    "every_step": {"every_n_steps": 1},
-    "grad_and_adam_state": {"every_n_steps": 10, "gradients": True, "optimizer_state": True},
+    "default": {"snapshot_every": 10},
+    "every_step": {"snapshot_every": 1},
+    "grad_and_adam_state": {"snapshot_every": 10, "gradients": True, "optimizer_state": True},
     "noop": None,
-    "norms_only": {"every_n_steps": 10**6},
+    "norms_only": {"snapshot_every": 10**6},
 }
 DEFAULT_ARMS = ["none", "default", "every_step", "grad_and_adam_state"]
 
@@ -229,7 +229,7 @@ def memory_child(steps: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         tracemalloc.start()
-        core = RecorderCore(Path(d) / "big.h5", model, every_n_steps=1, max_neurons_per_layer=None)
+        core = RecorderCore(Path(d) / "big.h5", model, snapshot_every=1, max_neurons_per_layer=None)
         buffered = core.writer.buffer_snapshots
         for step in range(steps):
             with torch.no_grad():

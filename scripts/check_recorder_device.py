@@ -44,7 +44,7 @@ def plain_loop(device: str, tmp: Path) -> None:
         path,
         model,
         optimizer=opt,
-        every_n_steps=3,
+        snapshot_every=3,
         max_neurons_per_layer=12,
         gradients=True,
         optimizer_state=True,
@@ -102,7 +102,7 @@ def lightning(device: str, tmp: Path) -> None:
     dm = make_datamodule(cfg.data, seed=0)
     module = make_module(cfg, dm.input_shape, dm.num_classes)
     path = tmp / "lightning.h5"
-    trainer = make_trainer(cfg, [TrajectoryRecorder(path, every_n_steps=10)])
+    trainer = make_trainer(cfg, [TrajectoryRecorder(path, snapshot_every=10)])
     trainer.fit(module, datamodule=dm)
     trainer.test(module, datamodule=dm, verbose=False)
     with RunFile(path) as run:

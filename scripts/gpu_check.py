@@ -83,7 +83,7 @@ def fit(device: str, arch: str, steps: int, callbacks, seed: int = 0) -> tuple[C
 
 def check_recording_and_sleep(device: str, tmp: Path, steps: int) -> dict:
     path = tmp / "cuda_run.h5"
-    rec = TrajectoryRecorder(path, every_n_steps=10)
+    rec = TrajectoryRecorder(path, snapshot_every=10)
     # no jump at the last step: the recorder snapshots before the Sleep callback jumps, so a jump there would
     # (rightly) leave the model ahead of the file's last snapshot
     sleep = Sleep("linear", every_n_steps=50, horizon=5, stop_step=steps)
@@ -167,10 +167,10 @@ def check_strategies(device: str) -> dict:
 def throughput(device: str, tmp: Path, steps: int, repeats: int) -> dict:
     arms = {
         "none": lambda: [],
-        "recorder_every_10": lambda: [TrajectoryRecorder(tmp / "t10.h5", every_n_steps=10, overwrite=True)],
-        "recorder_every_1": lambda: [TrajectoryRecorder(tmp / "t1.h5", every_n_steps=1, overwrite=True)],
+        "recorder_every_10": lambda: [TrajectoryRecorder(tmp / "t10.h5", snapshot_every=10, overwrite=True)],
+        "recorder_every_1": lambda: [TrajectoryRecorder(tmp / "t1.h5", snapshot_every=1, overwrite=True)],
         "recorder_and_linear_sleep": lambda: [
-            TrajectoryRecorder(tmp / "ts.h5", every_n_steps=10, overwrite=True),
+            TrajectoryRecorder(tmp / "ts.h5", snapshot_every=10, overwrite=True),
             Sleep("linear", every_n_steps=50),
         ],
     }

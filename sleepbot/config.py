@@ -71,7 +71,7 @@ class RecordConfig:
 
     enabled: bool = False
     path: str | None = None  # default: <out_dir>/<name>.h5
-    every_n_steps: int = 10
+    snapshot_every: int = 10  # steps between full weight snapshots
     max_neurons_per_layer: int = 256
     gradients: bool = False
     optimizer_state: bool = False

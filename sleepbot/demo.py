@@ -32,7 +32,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "collect": {
             "lrs": [1e-3, 3e-3, 1e-2],  # trajectories of every speed, as in configs/collect_digits.yaml
             "seeds": [0, 1, 2, 3],
-            "run": {"trainer": {"max_steps": 400, "val_every_n_steps": 10}, "record": {"every_n_steps": 10}},
+            "run": {"trainer": {"max_steps": 400, "val_every_n_steps": 10}, "record": {"snapshot_every": 10}},
         },
         "forecaster": {"horizons": (5, 10), "max_steps": 400},
         "compare": {
@@ -62,7 +62,7 @@ PLANS: dict[str, dict[str, Any]] = {
             "run": {
                 "data": {"train_subset": 512},
                 "trainer": {"max_steps": 60, "val_every_n_steps": 10},
-                "record": {"every_n_steps": 5},
+                "record": {"snapshot_every": 5},
             },
         },
         "forecaster": {"horizons": (5,), "max_steps": 10, "groups_per_epoch": 10, "max_weights": 2048},

@@ -159,7 +159,7 @@ class CollectConfig:
 
     Attributes:
         datasets, archs, optimizers, lrs, seeds: the grid axes (their product is the set of runs).
-        run: RunConfig values shared by every run (trainer.max_steps, record.every_n_steps, data.batch_size, ...).
+        run: RunConfig values shared by every run (trainer.max_steps, record.snapshot_every, data.batch_size, ...).
     """
 
     datasets: list[str] = field(default_factory=lambda: ["digits"])

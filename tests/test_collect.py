@@ -86,7 +86,7 @@ seeds: [0, 1, 2]
 run:
   data: {train_subset: 256}
   trainer: {max_steps: 60, val_every_n_steps: 30}
-  record: {every_n_steps: 10}
+  record: {snapshot_every: 10}
 """
 
 

@@ -131,7 +131,7 @@ def test_a_real_recorded_run(trained, tiny_config, tmp_path, capsys):
     cfg = tiny_config
     cfg.trainer.max_steps = 60
     cfg.record.enabled = True
-    cfg.record.every_n_steps = 5
+    cfg.record.snapshot_every = 5
     cfg.record.path = str(tmp_path / "run.h5")
     run_training(cfg, test=False)
     (info,) = scan_runs([tmp_path / "run.h5"])

@@ -51,7 +51,7 @@ def test_core_matches_in_memory_reference(tmp_path, flush_every):
         path,
         model,
         optimizer=opt,
-        every_n_steps=4,
+        snapshot_every=4,
         max_neurons_per_layer=8,
         gradients=True,
         optimizer_state=True,
@@ -134,8 +134,8 @@ def test_core_errors(tmp_path):
     model = _toy_model()
     with pytest.raises(SleepbotError, match="no neuron layer named 'nope'"):
         RecorderCore(tmp_path / "a.h5", model, layers=["nope"])
-    with pytest.raises(SleepbotError, match="every_n_steps must be"):
-        RecorderCore(tmp_path / "a.h5", model, every_n_steps=0)
+    with pytest.raises(SleepbotError, match="snapshot_every must be"):
+        RecorderCore(tmp_path / "a.h5", model, snapshot_every=0)
     with pytest.raises(SleepbotError, match="SGD has no per-parameter state"):
         RecorderCore(
             tmp_path / "a.h5", model, optimizer_state=True, optimizer=torch.optim.SGD(model.parameters(), 0.1)
@@ -206,7 +206,7 @@ def _trainer(**kw) -> pl.Trainer:
 
 def test_recorder_in_a_foreign_lightning_module(tmp_path):
     path = tmp_path / "plain.h5"
-    rec = TrajectoryRecorder(path, every_n_steps=5)
+    rec = TrajectoryRecorder(path, snapshot_every=5)
     module = PlainModule()
     trainer = _trainer(max_steps=20, val_check_interval=10, check_val_every_n_epoch=None, callbacks=[rec])
     trainer.fit(module, _digits_loader(), _digits_loader(64))
@@ -231,7 +231,7 @@ def test_recorder_in_a_foreign_lightning_module(tmp_path):
 def test_gradient_accumulation_records_each_update_once(tmp_path):
     path = tmp_path / "acc.h5"
     trainer = _trainer(
-        max_steps=6, accumulate_grad_batches=2, callbacks=[TrajectoryRecorder(path, every_n_steps=3)]
+        max_steps=6, accumulate_grad_batches=2, callbacks=[TrajectoryRecorder(path, snapshot_every=3)]
     )
     trainer.fit(PlainModule(), _digits_loader())
     with RunFile(path) as run:
@@ -241,7 +241,7 @@ def test_gradient_accumulation_records_each_update_once(tmp_path):
 
 def test_failed_run_is_marked_failed(tmp_path):
     path = tmp_path / "fail.h5"
-    trainer = _trainer(max_steps=30, callbacks=[TrajectoryRecorder(path, every_n_steps=5)])
+    trainer = _trainer(max_steps=30, callbacks=[TrajectoryRecorder(path, snapshot_every=5)])
     with pytest.raises(RuntimeError, match="planned failure"):
         trainer.fit(PlainModule(fail_at=12), _digits_loader())
     with RunFile(path) as run:
@@ -289,7 +289,7 @@ _KILL_SCRIPT = textwrap.dedent(
     from sleepbot.recording import RecorderCore
 
     model = nn.Sequential(nn.Linear(3, 2))
-    core = RecorderCore(sys.argv[1], model, every_n_steps=1, flush_every=4, flush_seconds=1e9)
+    core = RecorderCore(sys.argv[1], model, snapshot_every=1, flush_every=4, flush_seconds=1e9)
     step = 0
     while True:
         with torch.no_grad():  # weights that encode the step, so the reader can check every snapshot
@@ -357,7 +357,7 @@ def test_ddp_only_rank_zero_writes(tmp_path):
         max_steps=10,
         devices=2,
         strategy="ddp_spawn",
-        callbacks=[_RankProbe(path, every_n_steps=5)],
+        callbacks=[_RankProbe(path, snapshot_every=5)],
         use_distributed_sampler=True,
     )
     trainer.fit(module, _digits_loader(256, 16))

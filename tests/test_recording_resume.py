@@ -50,7 +50,7 @@ def _fit(tmp: Path, path: Path, *, crash: bool = False, ckpt_path: Path | None =
     # Lightning does not fast-forward a plain DataLoader, and a shuffled one restarts its generator on resume:
     # a fixed order keeps the resumed run's batches those of the uninterrupted one.
     train = DataLoader(TensorDataset(*dm.tensors["train"]), batch_size=32, shuffle=False)
-    callbacks: list[pl.Callback] = [TrajectoryRecorder(path, every_n_steps=3)]
+    callbacks: list[pl.Callback] = [TrajectoryRecorder(path, snapshot_every=3)]
     if crash:
         callbacks.append(_Crash())
     ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=4, save_top_k=-1)
@@ -129,7 +129,7 @@ _KILLED_WRITER = textwrap.dedent(
     from sleepbot.recording import RecorderCore
 
     model = nn.Sequential(nn.Linear(3, 2))
-    core = RecorderCore(sys.argv[1], model, every_n_steps=2, flush_every=2, flush_seconds=1e9)
+    core = RecorderCore(sys.argv[1], model, snapshot_every=2, flush_every=2, flush_seconds=1e9)
     for step in range(40):
         with torch.no_grad():  # weights that encode the step
             model[0].weight.fill_(step)
@@ -159,7 +159,7 @@ def test_resume_a_killed_run_with_the_core(tmp_path):
     with RunFile(path) as run:
         assert run.steps[-1] > 20  # the killed run got past its checkpoint
     model = nn.Sequential(nn.Linear(3, 2))
-    with RecorderCore(path, model, every_n_steps=2, flush_every=2, resume=state) as core:
+    with RecorderCore(path, model, snapshot_every=2, flush_every=2, resume=state) as core:
         for step in range(21, 31):
             with torch.no_grad():
                 model[0].weight.fill_(step)
@@ -173,5 +173,5 @@ def test_resume_a_killed_run_with_the_core(tmp_path):
         w = run.weights(run.layers[0])  # [S, 2, 4]: weights = step, bias = -step
         np.testing.assert_array_equal(w[:, 0, 0], np.arange(0, 31, 2))
         np.testing.assert_array_equal(w[:, 0, 3], -np.arange(0, 31, 2))
-    with pytest.raises(StoreError, match="every_n_steps=2, this recorder has every_n_steps=3"):
-        RecorderCore(path, model, every_n_steps=3, resume=state)
+    with pytest.raises(StoreError, match="snapshot_every=2, this recorder has snapshot_every=3"):
+        RecorderCore(path, model, snapshot_every=3, resume=state)

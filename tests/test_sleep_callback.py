@@ -182,7 +182,7 @@ def test_decisions_reach_the_recorders_events(tmp_path):
     path = tmp_path / "run.h5"
     cb = Sleep(Recorder(mode="nan"), every_n_steps=5, context=1)
     ok = Sleep("linear", every_n_steps=10, snapshot_every=2, context=3)
-    _fit([TrajectoryRecorder(path, every_n_steps=5), cb, ok], max_steps=20)
+    _fit([TrajectoryRecorder(path, snapshot_every=5), cb, ok], max_steps=20)
     with RunFile(path) as run:
         events = run.events()
     got = sorted((e["step"], e["strategy"], bool(e["accepted"])) for e in events)

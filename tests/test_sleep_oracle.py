@@ -45,7 +45,7 @@ def recorded(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("oracle") / "plain.h5"
     pl.seed_everything(0, verbose=False)
-    trainer(40, [TrajectoryRecorder(path, every_n_steps=2)]).fit(StepKeyedNet(), digits_loader())
+    trainer(40, [TrajectoryRecorder(path, snapshot_every=2)]).fit(StepKeyedNet(), digits_loader())
     with RunFile(path) as run:
         steps = [int(s) for s in run.snapshot_steps]
         by_layer = {layer: torch.as_tensor(run.weights(layer)) for layer in run.layers}  # [S, N, F]

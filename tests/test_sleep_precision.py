@@ -67,7 +67,7 @@ def _recorded_run(tmp_path, model_name: str) -> str:
 
     path = tmp_path / f"{model_name}-plain.h5"
     model, loader, kw = MODELS[model_name]()
-    trainer(16, [TrajectoryRecorder(path, every_n_steps=2)], **kw).fit(model, loader)
+    trainer(16, [TrajectoryRecorder(path, snapshot_every=2)], **kw).fit(model, loader)
     return str(path)
 
 

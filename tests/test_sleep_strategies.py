@@ -206,7 +206,7 @@ def _recorded_run(tmp_path):
 
         path = tmp_path / "oracle-run.h5"
         torch.manual_seed(0)
-        trainer(12, [TrajectoryRecorder(path, every_n_steps=2)]).fit(TinyNet(), digits_loader())
+        trainer(12, [TrajectoryRecorder(path, snapshot_every=2)]).fit(TinyNet(), digits_loader())
         _RECORDED["path"] = path
     return _RECORDED["path"]
 

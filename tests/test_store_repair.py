@@ -27,7 +27,7 @@ _KILLED_WRITER = textwrap.dedent(
     from sleepbot.recording import RecorderCore
 
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 4))
-    core = RecorderCore(sys.argv[1], model, every_n_steps=1, flush_every=4, flush_seconds=1e9)
+    core = RecorderCore(sys.argv[1], model, snapshot_every=1, flush_every=4, flush_seconds=1e9)
     for step in range(30):
         with torch.no_grad():  # weights that encode the step
             for m in model:
@@ -138,7 +138,7 @@ def test_snapshot_blocks_stay_within_the_byte_budget(tmp_path):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 32))  # a snapshot: 32 x 65 float32 = 8,320 bytes
         paths[name] = tmp_path / f"{name}.h5"
-        core = RecorderCore(paths[name], model, every_n_steps=1, flush_every=64, flush_seconds=1e9, **kw)
+        core = RecorderCore(paths[name], model, snapshot_every=1, flush_every=64, flush_seconds=1e9, **kw)
         held = sum(b.nbytes for b in core.writer.snapshot_buffers.values())
         held += sum(b.numel() * 4 for b in core._norms.values()) + core._rows * (4 + 4 + 8)
         if name == "budget":

@@ -180,7 +180,7 @@ def _make_task(
     run = merge(w.run, {"seed": seed, "model": {**opt.model, "lr": lr}, "sleep": arm.sleep})
     run_cfg = build_config(RunConfig, run)
     run_cfg.record.enabled = True
-    run_cfg.record.every_n_steps = cfg.snapshot_every
+    run_cfg.record.snapshot_every = cfg.snapshot_every
     run_cfg.trainer.logger = "none"
     config = run_cfg.to_dict()
     stem = run_stem(w.name, arm.name, lr, seed, config)

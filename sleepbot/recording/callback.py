@@ -47,7 +47,7 @@ class TrajectoryRecorder(pl.Callback):
 
     Args:
         path: the .h5 file to create.
-        every_n_steps, max_neurons_per_layer, layers, gradients, optimizer_state, overwrite, seed, flush_every,
+        snapshot_every, max_neurons_per_layer, layers, gradients, optimizer_state, overwrite, seed, flush_every,
             flush_seconds, compression, buffer_bytes: as in RecorderCore.
         attrs: root attributes; when `config` is missing, the module's hyperparameters are stored as the config.
         val_loss_key, val_acc_key: metric names to read (None: try the usual names).
@@ -56,7 +56,7 @@ class TrajectoryRecorder(pl.Callback):
     def __init__(
         self,
         path: str | Path,
-        every_n_steps: int = 10,
+        snapshot_every: int = 10,
         max_neurons_per_layer: int | None = 256,
         layers: Sequence[str] | None = None,
         gradients: bool = False,
@@ -72,10 +72,10 @@ class TrajectoryRecorder(pl.Callback):
         val_loss_key: str | None = None,
         val_acc_key: str | None = None,
     ) -> None:
-        _check_options(every_n_steps, max_neurons_per_layer, flush_every, buffer_bytes)
+        _check_options(snapshot_every, max_neurons_per_layer, flush_every, buffer_bytes)
         self.path = Path(path)
         self.options = dict(
-            every_n_steps=every_n_steps,
+            snapshot_every=snapshot_every,
             max_neurons_per_layer=max_neurons_per_layer,
             layers=list(layers) if layers is not None else None,
             gradients=gradients,
@@ -235,7 +235,7 @@ class TrajectoryRecorder(pl.Callback):
             )
 
     def __repr__(self) -> str:
-        return f"TrajectoryRecorder({str(self.path)!r}, every_n_steps={self.options['every_n_steps']})"
+        return f"TrajectoryRecorder({str(self.path)!r}, snapshot_every={self.options['snapshot_every']})"
 
 
 def _nan(x: float | None) -> float:
@@ -271,7 +271,7 @@ def recorder_from_config(cfg) -> TrajectoryRecorder:
     }
     return TrajectoryRecorder(
         path,
-        every_n_steps=r.every_n_steps,
+        snapshot_every=r.snapshot_every,
         max_neurons_per_layer=r.max_neurons_per_layer,
         gradients=r.gradients,
         optimizer_state=r.optimizer_state,

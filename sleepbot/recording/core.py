@@ -3,7 +3,7 @@
 What is recorded (the file layout is in trajectories/README.md):
 
 - every step: each layer's per-neuron L2 norms (weights and bias together), the train loss and the learning rate;
-- every `every_n_steps` steps, step 0 (the initial weights) included: snapshots of every kept neuron's weights,
+- every `snapshot_every` steps, step 0 (the initial weights) included: snapshots of every kept neuron's weights,
   and optionally its gradient and optimizer state;
 - validation metrics, test metrics and sleep events when they are logged.
 
@@ -121,13 +121,13 @@ class RecorderCore:
         core.record_step(0)                      # the initial weights
         for step in range(1, n + 1):
             ...; opt.step()
-            core.record_step(step, loss=loss)    # norms every step, a snapshot when step % every_n_steps == 0
+            core.record_step(step, loss=loss)    # norms every step, a snapshot when step % snapshot_every == 0
         core.close()                             # status 'complete' (a `with` block closes 'failed' on error)
 
     Args:
         path: the .h5 file to create.
         model: the network; its Conv/Linear layers are recorded (sleepbot.neurons defines a neuron).
-        every_n_steps: steps between snapshots of full weights (10: 0-8% overhead measured, see README).
+        snapshot_every: steps between snapshots of full weights (10: 0-8% overhead measured, see README).
         max_neurons_per_layer: snapshot at most this many neurons per layer, a seeded sample (None: all).
             The default 256 keeps every neuron of small_cnn, lenet5, cnn1d and mlp.
         layers: module names to record (None: every Conv/Linear layer).
@@ -153,7 +153,7 @@ class RecorderCore:
         path: str | Path,
         model: nn.Module,
         *,
-        every_n_steps: int = 10,
+        snapshot_every: int = 10,
         max_neurons_per_layer: int | None = 256,
         layers: Sequence[str] | None = None,
         gradients: bool = False,
@@ -168,10 +168,10 @@ class RecorderCore:
         buffer_bytes: int | None = BUFFER_BYTES,
         resume: Mapping[str, Any] | None = None,
     ) -> None:
-        _check_options(every_n_steps, max_neurons_per_layer, flush_every, buffer_bytes)
+        _check_options(snapshot_every, max_neurons_per_layer, flush_every, buffer_bytes)
         self.path = Path(path)
         self.model = model
-        self.every_n_steps = int(every_n_steps)
+        self.snapshot_every = int(snapshot_every)
         self.optimizer = optimizer
         self.flush_seconds = float(flush_seconds)
         try:
@@ -198,7 +198,7 @@ class RecorderCore:
             for name, m in self.modules.items()
         ]
         file_attrs = {
-            "every_n_steps": self.every_n_steps,
+            "snapshot_every": self.snapshot_every,
             "max_neurons_per_layer": int(max_neurons_per_layer or 0),
             "neuron_seed": int(seed),
             "gradients": bool(gradients),
@@ -207,7 +207,7 @@ class RecorderCore:
             **(attrs or {}),
         }
         self._rows, n_snapshots = _block_sizes(
-            self.specs, len(arrays), self.every_n_steps, flush_every, buffer_bytes
+            self.specs, len(arrays), self.snapshot_every, flush_every, buffer_bytes
         )
         if resume is None:
             self.writer = RunWriter(
@@ -256,7 +256,7 @@ class RecorderCore:
                 f"cannot resume recording into {str(self.path)!r}: the state has no run_id/rows/last_step "
                 f"(got keys {sorted(state)})"
             ) from None
-        settings = ("every_n_steps", "max_neurons_per_layer", "neuron_seed", "gradients", "optimizer_state")
+        settings = ("snapshot_every", "max_neurons_per_layer", "neuron_seed", "gradients", "optimizer_state")
         return RunWriter.reopen(
             self.path,
             self.specs,
@@ -372,7 +372,7 @@ class RecorderCore:
 
     # ------------------------------------------------------------------------------------------ recording
     def record_step(self, step: int, loss: Any = None, lr: float | None = None) -> None:
-        """Record the norms, loss and lr at `step`; snapshot the weights when `step % every_n_steps == 0`.
+        """Record the norms, loss and lr at `step`; snapshot the weights when `step % snapshot_every == 0`.
 
         Args:
             step: optimizer updates so far; must increase from call to call.
@@ -400,7 +400,7 @@ class RecorderCore:
         self.last_step = step
         if self._s == self._stage_len:
             self._drain()
-        if step % self.every_n_steps == 0:
+        if step % self.snapshot_every == 0:
             self.snapshot(self.model, step)
             if self.writer.snapshots_full:
                 self.flush()
@@ -571,13 +571,13 @@ def _opt_int(x: Any) -> int | None:
 
 
 def _block_sizes(
-    specs: Sequence[LayerSpec], n_arrays: int, every_n_steps: int, flush_every: int, buffer_bytes: int | None
+    specs: Sequence[LayerSpec], n_arrays: int, snapshot_every: int, flush_every: int, buffer_bytes: int | None
 ) -> tuple[int, int]:
     """(per-step rows, snapshots) per in-memory block, within `buffer_bytes` (per-step rows: a quarter at most).
 
     Per-step rows: one block per snapshot block, capped for long snapshot intervals (MAX_STEP_ROWS).
     """
-    rows = min(flush_every * every_n_steps, MAX_STEP_ROWS)
+    rows = min(flush_every * snapshot_every, MAX_STEP_ROWS)
     snaps = flush_every
     if buffer_bytes is not None:
         row_bytes = 4 * (sum(s.n for s in specs) + 2) + 8  # norms, loss, lr (float32) and the step (int64)
@@ -588,10 +588,10 @@ def _block_sizes(
 
 
 def _check_options(
-    every_n_steps: int, max_neurons_per_layer: int | None, flush_every: int, buffer_bytes: int | None = None
+    snapshot_every: int, max_neurons_per_layer: int | None, flush_every: int, buffer_bytes: int | None = None
 ) -> None:
-    if not isinstance(every_n_steps, int) or every_n_steps < 1:
-        raise SleepbotError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+    if not isinstance(snapshot_every, int) or snapshot_every < 1:
+        raise SleepbotError(f"snapshot_every must be an integer >= 1, got {snapshot_every!r}")
     if max_neurons_per_layer is not None and (
         not isinstance(max_neurons_per_layer, int) or max_neurons_per_layer < 0
     ):

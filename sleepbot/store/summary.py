@@ -79,7 +79,7 @@ def describe_run(path: str | Path) -> str:
                 if k in a
             ),
             f"recorded  T={len(steps)} steps ({_span(steps)}), S={len(snaps)} snapshots ({_span(snaps)}, "
-            f"every {a.get('every_n_steps')} steps)",
+            f"every {a.get('snapshot_every', a.get('every_n_steps'))} steps)",
             "",
         ]
         rows = []
