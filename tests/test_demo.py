@@ -22,7 +22,7 @@ def test_demo_quick_end_to_end(tmp_path):
     for stage in ("[1/4] collect", "[2/4] forecaster", "[3/4] compare", "[4/4] report"):
         assert stage in proc.stdout
     # The headline table, one line per arm, and the report's path.
-    for arm in ("none", "schedulefree", "noise", "square_normalize", "linear", "learned"):
+    for arm in ("none", "schedulefree", "linear", "learned"):
         assert any(line.strip().startswith(arm + " ") for line in proc.stdout.splitlines()), arm
     assert f"report: {out / 'report.html'}" in proc.stdout
     page = (out / "report.html").read_text()
@@ -37,7 +37,7 @@ def test_demo_quick_end_to_end(tmp_path):
         assert (out / "figures" / fig).stat().st_size > 1000, fig  # each drawn, none replaced by a note
     results = json.loads((out / "compare" / "results.json").read_text())
     w = results["workloads"]["digits-small_cnn-adam"]
-    assert set(w["arms"]) == {"none", "schedulefree", "noise", "square_normalize", "linear", "learned"}
+    assert set(w["arms"]) == {"none", "schedulefree", "linear", "learned"}
     assert w["best_alternative"] == "schedulefree" and w["tuning"]["schedulefree"]["grid"]
     assert all(a["n"] == 2 for a in w["arms"].values()), results["errors"]
     assert min(results["config"]["seeds"]) >= 1000  # fresh seeds, not the collected ones
