@@ -50,12 +50,6 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def ci(d: dict[str, Any] | None, digits: int) -> str:
-    if not d or d.get("median") is None:
-        return "-"
-    return f"{fmt(d['median'], digits)} [{fmt(d['lo'], digits)}, {fmt(d['hi'], digits)}]"
-
-
 def headline_table(workload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The headline table of one workload: (header, rows of strings); the comparison's own table renderer."""
     from sleepbot.compare import TABLE_HEADER, table_rows
