@@ -289,11 +289,9 @@ def _sleep_vs(cfg, args: argparse.Namespace) -> int:
             raise SleepbotError(
                 f"--tune must be comma-separated learning rates or none, got {args.tune!r}"
             ) from None
-        start = (
-            DEFAULT_TUNE_SEED_START
-            if not (seed <= DEFAULT_TUNE_SEED_START < seed + args.seeds)
-            else seed + args.seeds
-        )
+        # 3 development seeds that are not among the table's: 900-902, or the 3 after the table's seeds.
+        dev = range(DEFAULT_TUNE_SEED_START, DEFAULT_TUNE_SEED_START + 3)
+        start = dev.start if not set(dev) & set(range(seed, seed + args.seeds)) else seed + args.seeds
         tune = {"lrs": lrs, "seeds": 3, "seed_start": start}
     arms: list = []
     for strategy in dict.fromkeys(["none", args.vs, cfg.sleep.strategy]):

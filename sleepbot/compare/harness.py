@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sleepbot.compare.config import Arm, CompareConfig, Workload
 from sleepbot.compare.stats import (
     CSV_COLUMNS,
@@ -324,8 +322,8 @@ def compare(
                     else "best final val acc"
                 )
                 lr, rows = choose_lr(table, cfg.miss_factor, target=target, budget=budget)
-                if target is None and o.name == cfg.reference:
-                    target = float(np.median([r["val_acc"][-1] for r in table[lr] if r.get("val_acc")]))
+                if target is None and o.name == cfg.reference:  # its chosen lr's median final val acc
+                    target = next(r["median_final_val_acc"] for r in rows if r["lr"] == lr)
                 lr_of[(w.name, o.name)] = lr
                 tuning[w.name][o.name] = {
                     "lr": lr,
