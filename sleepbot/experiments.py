@@ -145,10 +145,22 @@ def train_task(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # ================================================================================================ collect
-# A collection is a grid of runs (datasets x archs x optimizers x lrs x seeds), each recorded to one HDF5 file in
-# one output directory with a manifest. It is resumable: complete files are skipped, incomplete ones redone.
+# A collection is a grid of runs, each recorded to one HDF5 file in one output directory with a manifest. The grid
+# is the union of GROUPS, each a product of axes (datasets x archs x optimizers x lrs x batch sizes x budgets x
+# seeds) with its own shared RunConfig values; a config without `groups:` is one group. Groups let a corpus give
+# every optimizer its own lr band and schedule without multiplying every axis by every other. It is resumable:
+# complete files are skipped, incomplete ones redone.
 
-COLLECT_GRID_KEYS = ("datasets", "archs", "optimizers", "lrs", "seeds")
+COLLECT_GRID_KEYS = ("datasets", "archs", "optimizers", "lrs", "batch_sizes", "budgets", "seeds")
+_AXIS_KINDS = {
+    "datasets": str,
+    "archs": str,
+    "optimizers": str,
+    "lrs": float,
+    "batch_sizes": int,
+    "budgets": int,
+    "seeds": int,
+}
 MANIFEST = "manifest.json"
 LIVE_SECONDS = 120.0  # a `running` file written to this recently, by a process we cannot check, may be live
 
@@ -158,8 +170,14 @@ class CollectConfig:
     """A grid of recorded runs. Each list may also be given as a single value in YAML.
 
     Attributes:
-        datasets, archs, optimizers, lrs, seeds: the grid axes (their product is the set of runs).
+        datasets, archs, optimizers, lrs, seeds: grid axes (their product is the set of runs of a group).
+        batch_sizes, budgets: optional axes for `data.batch_size` and `trainer.max_steps` (None: from `run`);
+            when given, run names carry `-b<batch size>` / `-n<budget>`.
         run: RunConfig values shared by every run (trainer.max_steps, record.snapshot_every, data.batch_size, ...).
+        groups: optional list of groups, each a mapping with any of the axis keys, `run` (merged over the
+            top-level `run`) and `name` (a prefix of its runs' names, required when groups would otherwise give
+            two runs one name, e.g. Adam with and without a schedule). An axis a group leaves out is the
+            top-level one. Without groups, the top level is the one group.
     """
 
     datasets: list[str] = field(default_factory=lambda: ["digits"])
@@ -167,7 +185,10 @@ class CollectConfig:
     optimizers: list[str] = field(default_factory=lambda: ["adam"])
     lrs: list[float] = field(default_factory=lambda: [3e-3])
     seeds: list[int] = field(default_factory=lambda: [0])
+    batch_sizes: list[int] | None = None
+    budgets: list[int] | None = None
     run: dict[str, Any] = field(default_factory=dict)
+    groups: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,6 +207,8 @@ def _as_list(key: str, value: Any, kind: type) -> list:
             v = float(v)
         if not isinstance(v, kind) or isinstance(v, bool):
             raise ConfigError(f"collect config {key!r} must be a list of {kind.__name__}, got {v!r}")
+        if kind is int and key.endswith(("batch_sizes", "budgets")) and v < 1:
+            raise ConfigError(f"collect config {key!r} must hold positive integers, got {v!r}")
         if v not in out:
             out.append(v)
     if not out:
@@ -193,52 +216,107 @@ def _as_list(key: str, value: Any, kind: type) -> list:
     return out
 
 
+def _axes(data: dict[str, Any], where: str) -> dict[str, Any]:
+    return {k: _as_list(f"{where}{k}", data[k], _AXIS_KINDS[k]) for k in COLLECT_GRID_KEYS if k in data}
+
+
 def load_collect_config(path: str | Path) -> CollectConfig:
-    """Read and check a collect YAML file (see configs/collect_digits.yaml); every grid point is validated."""
+    """Read and check a collect YAML file (see configs/collect_digits.yaml, configs/collect_meta.yaml); every grid
+    point is validated."""
     from sleepbot.config import load_yaml
 
-    data = load_yaml(path)
-    valid = (*COLLECT_GRID_KEYS, "run")
+    # Top-level keys starting with "_" hold YAML anchors for the groups to share; they are not read otherwise.
+    data = {k: v for k, v in load_yaml(path).items() if not str(k).startswith("_")}
+    valid = (*COLLECT_GRID_KEYS, "run", "groups")
     for key in data:
         if key not in valid:
             raise ConfigError(
                 f"unknown collect config key {key!r} in {str(path)!r}; valid keys: {', '.join(valid)}"
             )
-    kinds = {"datasets": str, "archs": str, "optimizers": str, "lrs": float, "seeds": int}
-    values: dict[str, Any] = {k: _as_list(k, data[k], kinds[k]) for k in COLLECT_GRID_KEYS if k in data}
     run = data.get("run") or {}
     if not isinstance(run, dict):
         raise ConfigError(f"collect config 'run' must be a mapping of RunConfig values, got {run!r}")
-    cfg = CollectConfig(**values, run=run)
-    collect_grid(cfg, "check")  # bad names and keys fail here, before any worker starts
+    groups = data.get("groups")
+    if groups is not None:
+        if not isinstance(groups, list) or not groups:
+            raise ConfigError(f"collect config 'groups' must be a non-empty list of mappings, got {groups!r}")
+        checked = []
+        for i, g in enumerate(groups):
+            if not isinstance(g, dict):
+                raise ConfigError(f"collect config groups[{i}] must be a mapping, got {g!r}")
+            for key in g:
+                if key not in (*COLLECT_GRID_KEYS, "run", "name"):
+                    raise ConfigError(
+                        f"unknown key {key!r} in collect config groups[{i}]; valid keys: "
+                        f"{', '.join((*COLLECT_GRID_KEYS, 'run', 'name'))}"
+                    )
+            if "run" in g and not isinstance(g["run"], dict):
+                raise ConfigError(f"collect config groups[{i}].run must be a mapping, got {g['run']!r}")
+            if "name" in g and (not isinstance(g["name"], str) or not g["name"] or "/" in g["name"]):
+                raise ConfigError(
+                    f"collect config groups[{i}].name must be a non-empty word, got {g['name']!r}"
+                )
+            checked.append(
+                {
+                    **_axes(g, f"groups[{i}]."),
+                    **({"run": g["run"]} if "run" in g else {}),
+                    **({"name": g["name"]} if "name" in g else {}),
+                }
+            )
+        groups = checked
+    cfg = CollectConfig(**_axes(data, ""), run=run, groups=groups)
+    collect_grid(
+        cfg, "check"
+    )  # bad names and keys, and clashing run names, fail here, before any worker starts
     return cfg
 
 
 def collect_grid(cfg: CollectConfig, out: str | Path) -> list[dict[str, Any]]:
-    """The grid's runs, in a fixed order: [{'name', 'file', 'config' (a RunConfig dict)}].
+    """The grid's runs, in a fixed order (group by group): [{'name', 'file', 'config' (a RunConfig dict)}].
 
-    Every run records to `<out>/<name>.h5` with `name = <dataset>-<arch>-<optimizer>-lr<lr>-s<seed>`; Lightning's
-    own logs are off unless `run.trainer.logger` asks for them.
+    Every run records to `<out>/<name>.h5` with `name = [<group>-]<dataset>-<arch>-<optimizer>-lr<lr>
+    [-b<batch size>][-n<budget>]-s<seed>`; Lightning's own logs are off unless `run.trainer.logger` asks for them.
+    Two grid points with one name are a ConfigError (name the groups).
     """
     from sleepbot.config import RunConfig, build_config, merge
 
-    base = merge({"trainer": {"logger": "none"}}, cfg.run)
-    runs = []
-    for dataset, arch, optimizer, lr, seed in itertools.product(
-        cfg.datasets, cfg.archs, cfg.optimizers, cfg.lrs, cfg.seeds
-    ):
-        name = f"{dataset}-{arch}-{optimizer}-lr{lr:g}-s{seed}"
-        file = f"{name}.h5"
-        point = {
-            "seed": seed,
-            "name": name,
-            "out_dir": str(out),
-            "data": {"name": dataset},
-            "model": {"arch": arch, "optimizer": optimizer, "lr": lr},
-            "record": {"enabled": True, "path": str(Path(out) / file), "overwrite": False},
-        }
-        run_cfg = build_config(RunConfig, merge(base, point))
-        runs.append({"name": name, "file": file, "config": run_cfg.to_dict()})
+    top = {k: getattr(cfg, k) for k in COLLECT_GRID_KEYS}
+    runs: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for gi, group in enumerate(cfg.groups or [{}]):
+        axes = {k: group.get(k, top[k]) for k in COLLECT_GRID_KEYS}
+        base = merge(merge({"trainer": {"logger": "none"}}, cfg.run), group.get("run") or {})
+        prefix = f"{group['name']}-" if group.get("name") else ""
+        for dataset, arch, optimizer, lr, bs, budget, seed in itertools.product(
+            *(axes[k] or [None] for k in COLLECT_GRID_KEYS)
+        ):
+            name = (
+                f"{prefix}{dataset}-{arch}-{optimizer}-lr{lr:g}"
+                + (f"-b{bs}" if bs is not None else "")
+                + (f"-n{budget}" if budget is not None else "")
+                + f"-s{seed}"
+            )
+            if name in seen:
+                raise ConfigError(
+                    f"collect config groups {seen[name]} and {gi} both make run {name!r}; give the groups "
+                    f"distinct names (groups[i].name) or disjoint axes"
+                )
+            seen[name] = gi
+            file = f"{name}.h5"
+            point: dict[str, Any] = {
+                "seed": seed,
+                "name": name,
+                "out_dir": str(out),
+                "data": {"name": dataset},
+                "model": {"arch": arch, "optimizer": optimizer, "lr": lr},
+                "record": {"enabled": True, "path": str(Path(out) / file), "overwrite": False},
+            }
+            if bs is not None:
+                point["data"]["batch_size"] = bs
+            if budget is not None:
+                point["trainer"] = {"max_steps": budget}
+            run_cfg = build_config(RunConfig, merge(base, point))
+            runs.append({"name": name, "file": file, "config": run_cfg.to_dict()})
     return runs
 
 

@@ -136,6 +136,58 @@ def cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return nn.Sequential(features, nn.Linear(_flat_dim(features, input_shape), num_classes))
 
 
+@register_arch("wide_cnn")
+def wide_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A wide, shallow CNN with a global-average-pool head: 3-wide convolutions of 64 and 128 channels (the second
+    with stride 2), global average pooling, a linear head. Conv neurons with 576-1,152 inputs, a head of 128."""
+    conv, _, apool, _ = _ops(input_shape)
+    c = input_shape[0]
+    return nn.Sequential(
+        conv(c, 64, 3, padding=1),
+        nn.ReLU(),
+        conv(64, 128, 3, stride=2, padding=1),
+        nn.ReLU(),
+        apool(1),
+        nn.Flatten(),
+        nn.Linear(128, num_classes),
+    )
+
+
+@register_arch("deep_cnn")
+def deep_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A deeper plain CNN: six 3-wide convolutions of 16 channels (no normalisation, no skips; the fourth with
+    stride 2), adaptive average pooling to 2 per axis, a linear head. Narrow layers, long gradient paths."""
+    conv, _, apool, _ = _ops(input_shape)
+    layers: list[nn.Module] = []
+    c = input_shape[0]
+    for i in range(6):
+        layers += [conv(c, 16, 3, stride=2 if i == 3 else 1, padding=1), nn.ReLU()]
+        c = 16
+    features = nn.Sequential(*layers, apool(2), nn.Flatten())
+    return nn.Sequential(features, nn.Linear(_flat_dim(features, input_shape), num_classes))
+
+
+@register_arch("cnn3")
+def cnn3(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Three 3-wide convolutions (8, 16, 32 channels; strides 1, 2, 2), global average pooling, a linear head.
+
+    Kept out of configs/collect_meta.yaml on purpose: the held-out architecture of the SGD+momentum workload
+    (configs/compare_learned.yaml), a kind of run the shipped forecaster never saw."""
+    conv, _, apool, _ = _ops(input_shape)
+    c = input_shape[0]
+    return nn.Sequential(
+        conv(c, 8, 3, padding=1),
+        nn.ReLU(),
+        conv(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        conv(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        apool(1),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
+    )
+
+
 @register_arch("mlp")
 def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Two hidden layers of 128 ReLU units over the flattened input: a non-convolutional reference."""

@@ -245,3 +245,57 @@ def test_curves_do_not_depend_on_the_worker_count(tiny_config):
         assert ok_s and ok_p, (s, p)
         assert s["val_step"] == p["val_step"] and s["val_acc"] == p["val_acc"]
         assert s["val_loss"] == p["val_loss"]  # bit for bit
+
+
+def test_groups_give_each_optimizer_its_own_axes_and_clashes_are_refused(tmp_path):
+    cfg = load_collect_config(
+        _write(
+            tmp_path,
+            """
+run: {trainer: {max_steps: 40}}
+_archs: &archs [mlp, small_cnn]
+groups:
+  - {name: a, archs: *archs, optimizers: adam, lrs: [1.0e-3, 1.0e-2], batch_sizes: [32, 128], budgets: 30}
+  - {name: c, archs: mlp, optimizers: adam, lrs: 1.0e-2, run: {model: {schedule: cosine}}, seeds: [5, 6]}
+""",
+        )
+    )
+    grid = collect_grid(cfg, "out")
+    assert len(grid) == 2 * 2 * 2 + 2
+    first = grid[0]
+    assert first["name"] == "a-digits-mlp-adam-lr0.001-b32-n30-s0"
+    assert first["config"]["data"]["batch_size"] == 32 and first["config"]["trainer"]["max_steps"] == 30
+    cos = [r for r in grid if r["name"].startswith("c-")]
+    assert [r["config"]["seed"] for r in cos] == [5, 6]
+    assert all(r["config"]["model"]["schedule"] == "cosine" for r in cos)
+    assert all(r["config"]["trainer"]["max_steps"] == 40 for r in cos)  # the top-level run, not group a's
+    assert {r["config"]["model"]["schedule"] for r in grid if r["name"].startswith("a-")} == {"constant"}
+    with pytest.raises(ConfigError, match="both make run"):
+        load_collect_config(_write(tmp_path, "groups:\n  - {lrs: 1.0e-3}\n  - {lrs: [1.0e-3, 1.0e-2]}\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'lr' in collect config groups\[0\]"):
+        load_collect_config(_write(tmp_path, "groups:\n  - {lr: 1.0e-3}\n"))
+    with pytest.raises(ConfigError, match="batch_sizes"):
+        load_collect_config(_write(tmp_path, "groups:\n  - {batch_sizes: [0]}\n"))
+
+
+def test_the_meta_corpus_spans_what_users_run():
+    grid = collect_grid(load_collect_config(ROOT / "configs/collect_meta.yaml"), "out")
+    cfgs = [r["config"] for r in grid]
+    assert len(grid) >= 200 and len({r["name"] for r in grid}) == len(grid)
+    assert {c["data"]["name"] for c in cfgs} == {"digits", "mnist1d"}
+    assert {c["data"]["batch_size"] for c in cfgs} == {32, 128}
+    assert {c["model"]["optimizer"] for c in cfgs} >= {
+        "adam",
+        "adamw",
+        "sgd",
+        "momentum",
+        "schedulefree_adamw",
+    }
+    assert {c["model"]["schedule"] for c in cfgs if c["model"]["optimizer"] == "adam"} == {
+        "constant",
+        "cosine",
+    }
+    assert len({c["trainer"]["max_steps"] for c in cfgs}) >= 4
+    # The held-out pieces stay out: the SGD+momentum workload's arch, and every compare seed.
+    assert "cnn3" not in {c["model"]["arch"] for c in cfgs}
+    assert not {c["seed"] for c in cfgs} & set(range(900, 1100))

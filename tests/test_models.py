@@ -72,7 +72,9 @@ def test_same_seed_same_metrics(tiny_config):
 
 
 def test_unknown_arch():
-    with pytest.raises(SleepbotError, match="unknown architecture 'vgg'; valid: cnn1d, lenet5"):
+    with pytest.raises(
+        SleepbotError, match="unknown architecture 'vgg'; valid: cnn1d, cnn3, deep_cnn, lenet5"
+    ):
         build_arch("vgg", (1, 8, 8), 10)
 
 
