@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# Reproduces the forecaster shipped with sleepbot (sleepbot/assets/forecaster.pt) and its evaluation tables.
+# Reproduces the forecaster shipped with sleepbot (sleepbot/assets/forecaster.pt) and its evaluation table.
 #
 #   bash scripts/train_default_forecaster.sh            # from the repository root, with the package installed
 #
-# 1. collect: 36 recorded digits runs (configs/collect_digits.yaml: small_cnn, lenet5, mlp x Adam lr 1e-3, 3e-3,
-#    1e-2 x 4 seeds, 600 steps, a snapshot every 10 steps), about 3.5 minutes on 2 cores; skipped if present;
-# 2. train: the LSTM forecaster and the MLP baseline, 3,000 steps each, on the training runs of a split by run
-#    (per dataset, arch and lr: 2 train, 1 val, 1 test of the 4 seeds), recorded in the checkpoint;
-# 3. evaluate: on the held-out test runs of digits, and on MNIST-1D (configs/collect_mnist1d.yaml), a dataset,
-#    architecture (cnn1d) and layer kind (conv1d) it never saw; tables per lr as JSON next to the checkpoint.
+# 1. collect: the meta-training corpus, configs/collect_meta.yaml (288 runs: digits and MNIST-1D; five and three
+#    architectures; Adam, AdamW, SGD, SGD+momentum, Schedule-Free AdamW, Adam with warm-up+cosine, three lrs of
+#    each one's band; batch sizes 32 and 128; budgets 300-1,200 steps; a snapshot every 10 steps); skipped when
+#    complete (a rerun resumes);
+# 2. train: the LSTM forecaster (no step / max_steps input; targets smoothed over the last 5 snapshots up to each
+#    horizon) and the WNN-style MLP baseline, on the training runs of a split by run (per dataset, arch and
+#    optimizer: about 70% train, 15% val, 15% test), recorded in the checkpoint;
+# 3. evaluate: R2_disp on the held-out test runs, against the point future and the smoothed one, per optimizer.
 #
-# THREADS=1 is the right choice on a 2-core machine shared with other work; use 2 on a quiet one.
+# THREADS=1 gives the same forecaster on every machine (see ForecasterTrainConfig.threads).
 set -euo pipefail
 SLEEPBOT=${SLEEPBOT:-sleepbot}
-DIGITS=${DIGITS:-trajectories/digits}
-MNIST1D=${MNIST1D:-trajectories/mnist1d}
+META=${META:-trajectories/meta}
 OUT=${OUT:-sleepbot/assets/forecaster.pt}
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-1}
+STEPS=${STEPS:-2000}
 
-[ -f "$DIGITS/manifest.json" ] || $SLEEPBOT collect --config configs/collect_digits.yaml --out "$DIGITS"
-$SLEEPBOT train-forecaster --data "$DIGITS" --out "$OUT" --max-steps 3000 --threads "$THREADS" --overwrite
-$SLEEPBOT evaluate-forecaster --forecaster "$OUT" --data "$DIGITS" --by lr --json "${OUT%.pt}_digits_test.json" --overwrite
-[ -f "$MNIST1D/manifest.json" ] || $SLEEPBOT collect --config configs/collect_mnist1d.yaml --out "$MNIST1D"
-$SLEEPBOT evaluate-forecaster --forecaster "$OUT" --data "$MNIST1D" --by lr --json "${OUT%.pt}_mnist1d.json" --overwrite
+$SLEEPBOT collect --config configs/collect_meta.yaml --out "$META"
+$SLEEPBOT train-forecaster --data "$META" --out "$OUT" --max-steps "$STEPS" --target-smooth 5 \
+    --threads "$THREADS" --overwrite
+$SLEEPBOT evaluate-forecaster --forecaster "$OUT" --data "$META" --stride 2 --by optimizer \
+    --json "${OUT%.pt}_test.json" --overwrite
+$SLEEPBOT evaluate-forecaster --forecaster "$OUT" --data "$META" --stride 2 --smooth 5 \
+    --json "${OUT%.pt}_test_smooth.json" --overwrite

@@ -374,6 +374,12 @@ def _add_train_forecaster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-weights", type=int, default=16384, help="weights per window group (default 16384)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading HDF5 (default 0)")
     p.add_argument(
+        "--target-smooth",
+        type=int,
+        default=1,
+        help="train on the mean of the last K snapshots up to each horizon (default 1: the snapshot itself)",
+    )
+    p.add_argument(
         "--holdout",
         action="append",
         default=[],
@@ -431,6 +437,7 @@ def _run_train_forecaster(args: argparse.Namespace) -> int:
         groups_per_epoch=args.groups_per_epoch,
         max_weights=args.max_weights,
         num_workers=args.num_workers,
+        target_smooth=args.target_smooth,
         holdout=holdout or None,
         seed=args.seed,
         split_seed=args.split_seed,
@@ -463,6 +470,12 @@ def _add_evaluate_forecaster(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--by", default=None, help="also one table per value of a run attribute, e.g. lr or arch")
     p.add_argument("--stride", type=int, default=1, help="spacing of window end snapshots (default 1: all)")
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        help="score against the mean of the last K snapshots up to each horizon (default 1: the point target)",
+    )
     p.add_argument("--compare", action="append", default=[], help="another checkpoint to score alongside")
     p.add_argument(
         "--no-progress", action="store_true", help="do not tell the forecasters the training progress"
@@ -500,7 +513,7 @@ def _run_evaluate_forecaster(args: argparse.Namespace) -> int:
     print(
         f"scoring {len(chosen)} of {len(runs)} runs (split {args.split}); forecaster {args.forecaster or 'shipped'}"
     )
-    kw = {"stride": args.stride, "use_progress": not args.no_progress}
+    kw = {"stride": args.stride, "use_progress": not args.no_progress, "smooth": args.smooth}
     result = evaluate(models, chosen, **kw)
     print(format_table(result, markdown=args.markdown))
     out = {"all": result}

@@ -33,10 +33,20 @@ def _history(c=5, n=7, f=11, seed=0, tau=20.0, noise=0.3):
     return torch.from_numpy(synthetic_trajectory(c, n, f, tau=tau, noise=noise, seed=seed))
 
 
+# Every registered forecaster, and the lstm's ablation variants (they have parameters of their own).
+VARIANTS = {
+    **{name: (name, {}) for name in sorted(FORECASTERS)},
+    "lstm-mixer_mlp": ("lstm", {"mixer": "mlp"}),
+    "lstm-layer_context": ("lstm", {"layer_context": True}),
+    "lstm-read_progress": ("lstm", {"read_progress": True}),
+}
+
+
 # ------------------------------------------------------------------------------------------- interface
-@pytest.mark.parametrize("name", sorted(FORECASTERS))
-def test_predict_shapes_and_context(name):
-    model = build_forecaster(name, context=4, horizons=(2, 4))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_predict_shapes_and_context(variant):
+    name, options = VARIANTS[variant]
+    model = build_forecaster(name, context=4, horizons=(2, 4), **options)
     hist = _history(c=9)
     out = model.predict(hist, 2, kind="conv2d", progress=0.5)
     assert out.shape == (7, 11) and torch.isfinite(out).all()
@@ -250,3 +260,22 @@ def test_shipped_default_loads_and_is_small():
     assert out.shape == hist.shape[1:] and torch.isfinite(out).all()
     meta = read_checkpoint(DEFAULT_PATH)["meta"]
     assert set(meta["split"]["train"]).isdisjoint(meta["split"]["test"])
+
+
+def test_lstm_ignores_the_budget_unless_told_to_read_it():
+    """A forecaster's jump must not depend on the budget the user set: step / max_steps differs between a run of
+    500 steps and one of 5,000 at the same step. The default lstm ignores it; read_progress=True reads it."""
+    hist = _history(c=5)
+    torch.manual_seed(0)
+    blind = build_forecaster("lstm", context=5, horizons=(2, 4))
+    with torch.no_grad():
+        for p in blind.parameters():
+            p.normal_(0, 0.3)
+    reader = build_forecaster("lstm", context=5, horizons=(2, 4), read_progress=True)
+    reader.load_state_dict(blind.state_dict())
+    a, b = (blind.predict(hist, 2, kind="linear", progress=p) for p in (0.1, 0.01))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a, b = (reader.predict(hist, 2, kind="linear", progress=p) for p in (0.1, 0.01))
+    assert not torch.equal(a, b)
+    with pytest.raises(SleepbotError, match="mixer"):
+        build_forecaster("lstm", mixer="gru")

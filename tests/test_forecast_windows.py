@@ -181,3 +181,28 @@ def test_bad_inputs(store, tmp_path):
     write_synthetic_runs(tmp_path / "mixed", runs=1, snapshots=6, every=5, seed=9)
     with pytest.raises(SleepbotError, match="snapshots every"):
         scan_runs(resolve_paths(tmp_path / "mixed"))
+
+
+def test_smoothed_targets_are_the_mean_of_the_last_snapshots(store):
+    runs = scan_runs(resolve_paths(store))
+    ref = reference_windows(runs)
+    from sleepbot.store import RunFile
+
+    weights = {}
+    for ri, info in enumerate(runs):
+        with RunFile(info.path) as f:
+            for layer in f.layers:
+                weights[(ri, layer)] = f.weights(layer)
+    ds = WindowDataset(runs, CONTEXT, HORIZONS, mode="all", max_weights=24, positions=2, smooth=2)
+    checked = 0
+    for group in ds:
+        for (ri, layer, n, t), (hist, targets) in windows_of(group):
+            np.testing.assert_array_equal(hist, ref[(ri, layer, n, t)][0])  # the context is not smoothed
+            assert targets.keys() == ref[(ri, layer, n, t)][1].keys()
+            w = weights[(ri, layer)]
+            for h, got in targets.items():
+                np.testing.assert_allclose(got, (w[t + h, n] + w[t + h - 1, n]) / 2, rtol=1e-6, atol=1e-7)
+                checked += 1
+    assert checked > 100
+    with pytest.raises(SleepbotError, match="smoothing"):
+        WindowDataset(runs, CONTEXT, HORIZONS, smooth=HORIZONS[0] + 1)

@@ -127,7 +127,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _build(entry: dict[str, Any], path: Path) -> Forecaster:
-    model = build_forecaster(str(entry["name"]), **dict(entry["config"]))
+    config = dict(entry["config"])
+    if entry["name"] == "lstm" and "read_progress" not in config:
+        config["read_progress"] = True  # written before the option existed: those LSTMs read step / max_steps
+    model = build_forecaster(str(entry["name"]), **config)
     try:
         model.load_state_dict(entry["state_dict"])
     except (RuntimeError, KeyError, TypeError) as e:

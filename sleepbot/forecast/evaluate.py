@@ -30,6 +30,7 @@ def evaluate(
     stride: int = 1,
     max_weights: int = 1 << 17,
     use_progress: bool = True,
+    smooth: int = 1,
 ) -> dict[str, Any]:
     """R2_disp and mean cosine of every model on every window of `runs`.
 
@@ -40,6 +41,7 @@ def evaluate(
         stride: spacing of window end snapshots.
         max_weights: weights per group (memory vs speed only; the result does not depend on it).
         use_progress: give the forecasters step / max_steps (as the sleep callback does when it knows max_steps).
+        smooth: score against the mean of the last `smooth` snapshots up to each horizon (1: the point target).
 
     Returns:
         A JSON-ready dict: horizons, kinds, models, runs (ids), rows (one per model, horizon and kind, kind `all`
@@ -52,7 +54,9 @@ def evaluate(
     first = next(iter(models.values()))
     horizons = tuple(int(h) for h in (horizons or first.horizons))
     context = max(m.context for m in models.values())
-    ds = WindowDataset(runs, context, horizons, mode="all", max_weights=max_weights, stride=stride)
+    ds = WindowDataset(
+        runs, context, horizons, mode="all", max_weights=max_weights, stride=stride, smooth=smooth
+    )
     names = list(models)
     n_h = len(horizons)
     # acc[(name, kind)] = [H, 4]: sse, sst, sum of cosines, windows (neuron-windows) ; weights counted apart.
@@ -103,6 +107,7 @@ def evaluate(
         "models": names,
         "runs": [r.run_id for r in runs],
         "stride": stride,
+        "smooth": smooth,
         "snapshot_every": runs[0].snapshot_every,
         "rows": rows,
     }

@@ -5,7 +5,16 @@ a 1M-weight model in under 1 s on 2 cores: scripts/bench_forecaster.py measured 
 for hidden 32 over 16 snapshots and 1.0 s for hidden 8 over 5, before any feature or normalisation; this design
 takes 0.31 s with the same weights. So the LSTM runs once per NEURON, over summary features of the neuron's
 snapshot-to-snapshot steps (how big, how consistent in direction, how its norm changes), plus what is known about
-the neuron (layer kind, fan-in, how fast it moves relative to its size, the relative training time). A neuron is ~1/100 to 1/1000 of the weights, so the recurrence costs little.
+the neuron (layer kind, fan-in, how fast it moves relative to its size). A neuron is ~1/100 to 1/1000 of the
+weights, so the recurrence costs little.
+
+What it does NOT read by default: the relative training time step / max_steps (`read_progress`). A forecaster that
+reads it jumps differently in the first 500 steps of a run with max_steps 500 than of one with 5,000, so a user's
+budget would change what sleep does; checkpoints trained before this option read it (and keep doing so).
+
+Ablation switches (README, "Forecaster ablations"): `mixer="mlp"` replaces the recurrence by an MLP over the
+same step features flattened (does the LSTM earn its place?); `layer_context=True` adds the mean of the layer's
+neuron states to each neuron's (NiNo's case for neuron interaction, in its cheapest form).
 Its output conditions a per-weight head shared by every weight: the head reads the weight's own context (in the
 neuron's motion units) and the least-squares line through it, and predicts
 
@@ -27,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sleepbot.errors import SleepbotError
 from sleepbot.forecast.base import KINDS, LearnedForecaster, kind_index, neuron_scale, register_forecaster
 from sleepbot.forecast.baselines import line_fit
 
@@ -34,6 +44,8 @@ N_STEP_FEATURES = 5  # per snapshot-to-snapshot step of a neuron (see `_neuron_f
 # Per neuron: relative speed, progress, progress known, log fan-in, and the kind as (linear, convolution): conv1d,
 # conv2d and conv3d share one flag, so that a forecaster trained on conv2d layers has seen the flag a conv1d sets.
 N_CONST_FEATURES = 6
+# Weights per block of the per-weight head (see LSTMForecaster.forward): 64K weights x 32 hidden = 8 MB per block.
+HEAD_BLOCK_WEIGHTS = 1 << 16
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -89,6 +101,11 @@ class LSTMForecaster(LearnedForecaster):
         snapshot_every: steps between snapshots of its training data (recorded in checkpoints).
         hidden: LSTM state size (per neuron, so cheap; 64 scored a little better than 32 on held-out runs).
         head_hidden: the per-weight head's width: the cost per weight (32: about 0.5 s for 1M weights).
+        read_progress: read step / max_steps when the caller gives it (default False: jumps independent of the
+            budget; see the module docstring).
+        mixer: `lstm` (the recurrence over the neuron's steps) or `mlp` (the same features, flattened, no
+            recurrence).
+        layer_context: also read the mean state of the layer's neurons.
     """
 
     def __init__(
@@ -99,13 +116,28 @@ class LSTMForecaster(LearnedForecaster):
         default_horizon: int | None = None,
         hidden: int = 64,
         head_hidden: int = 32,
+        read_progress: bool = False,
+        mixer: str = "lstm",
+        layer_context: bool = False,
     ) -> None:
         super().__init__(context, horizons, snapshot_every, default_horizon)
+        if mixer not in ("lstm", "mlp"):
+            raise SleepbotError(f"unknown lstm forecaster mixer {mixer!r}; valid: lstm, mlp")
         self.hidden = int(hidden)
         self.head_hidden = int(head_hidden)
+        self.read_progress = bool(read_progress)
+        self.mixer = mixer
+        self.layer_context = bool(layer_context)
         n_h = len(self.horizons)
-        self.lstm = nn.LSTM(N_STEP_FEATURES + N_CONST_FEATURES, hidden, batch_first=True)
-        self.neuron_out = nn.Linear(hidden + N_CONST_FEATURES, head_hidden + n_h)
+        n_in = N_STEP_FEATURES + N_CONST_FEATURES
+        if mixer == "lstm":
+            self.lstm = nn.LSTM(n_in, hidden, batch_first=True)
+        else:
+            self.mlp = nn.Sequential(
+                nn.Linear(n_in * (self.context - 1), hidden), nn.GELU(), nn.Linear(hidden, hidden)
+            )
+        state = hidden * (2 if self.layer_context else 1)
+        self.neuron_out = nn.Linear(state + N_CONST_FEATURES, head_hidden + n_h)
         # Per-weight input: the C-1 earlier values relative to the last, the line's slope, its offset, and the RMS
         # residual around the line (the weight's own noise: how far to trust its slope).
         self.head_in = nn.Linear(self.context + 2, head_hidden, bias=False)
@@ -119,17 +151,52 @@ class LSTMForecaster(LearnedForecaster):
         self.register_buffer("_h", torch.tensor(self.horizons, dtype=torch.float32), persistent=False)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "hidden": self.hidden, "head_hidden": self.head_hidden}
+        return {
+            **super().config(),
+            "hidden": self.hidden,
+            "head_hidden": self.head_hidden,
+            "read_progress": self.read_progress,
+            "mixer": self.mixer,
+            "layer_context": self.layer_context,
+        }
 
     def forward(self, history: torch.Tensor, kind: str, progress: torch.Tensor | None) -> torch.Tensor:
         c, n, f = history.shape
         scale = neuron_scale(history)  # [N]
-        seq = neuron_features(history, scale, kind, progress)  # [N, C-1, 11]
-        _, (h_n, _) = self.lstm(seq)
+        seq = neuron_features(history, scale, kind, progress if self.read_progress else None)  # [N, C-1, 11]
+        if self.mixer == "lstm":
+            _, (h_n, _) = self.lstm(seq)
+            state = h_n[-1]  # [N, hidden]
+        else:
+            state = self.mlp(seq.reshape(n, -1))
+        if self.layer_context:
+            # Groups of windows stack several end times of one layer along the neuron axis; a caller's history
+            # is one time. Either way the mean over the rows given is the layer's mean state.
+            state = torch.cat([state, state.mean(0, keepdim=True).expand_as(state)], -1)
         const = seq[:, -1, N_STEP_FEATURES:]  # [N, 6]
-        z = self.neuron_out(torch.cat([h_n[-1], const], -1))  # [N, head_hidden + H]
+        z = self.neuron_out(torch.cat([state, const], -1))  # [N, head_hidden + H]
         bias, alpha = z[:, : self.head_hidden], z[:, self.head_hidden :]
 
+        # The per-weight head, over blocks of neurons: the same numbers as one pass, but its [N, F, head_hidden]
+        # intermediate stays a few MB instead of growing with the model (1.3 GB at 10M weights).
+        block = max(1, HEAD_BLOCK_WEIGHTS // f)
+        if n <= block:
+            return self._head(history, scale, bias, alpha)
+        return torch.cat(
+            [
+                self._head(
+                    history[:, i : i + block], scale[i : i + block], bias[i : i + block], alpha[i : i + block]
+                )
+                for i in range(0, n, block)
+            ],
+            dim=1,
+        )
+
+    def _head(
+        self, history: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor
+    ) -> torch.Tensor:
+        """The displacement [H, N, F] of a block of neurons, from their neuron states (bias, alpha)."""
+        c = history.shape[0]
         s = scale[:, None]  # [N, 1]
         slope, offset = line_fit(history)  # [N, F] each
         slope, offset = slope / s, offset / s

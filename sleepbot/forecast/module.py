@@ -176,7 +176,10 @@ class ForecasterTrainConfig:
         max_weights: about how many weights per group.
         positions: end times per group.
         groups_per_epoch: groups drawn per epoch (an epoch ends with a validation).
-        progress_dropout: fraction of windows whose training progress is hidden.
+        progress_dropout: fraction of windows whose training progress is hidden (only a forecaster that reads
+            it, e.g. lstm with read_progress, sees it at all).
+        target_smooth: train on the mean of the last `target_smooth` snapshots up to each horizon
+            (`WindowDataset.smooth`); validation scores against the same target.
         val_fraction, test_fraction: of each (dataset, arch, optimizer) group of runs.
         holdout: runs whose attributes match go to test only (e.g. {'arch': 'mlp'}).
         val_stride: spacing of end snapshots in validation.
@@ -200,6 +203,7 @@ class ForecasterTrainConfig:
     positions: int = 4
     groups_per_epoch: int = 4000
     progress_dropout: float = 0.2
+    target_smooth: int = 1
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     holdout: dict[str, Any] | None = None
@@ -270,6 +274,7 @@ def fit_one(
         max_weights=cfg.max_weights,
         positions=cfg.positions,
         progress_dropout=cfg.progress_dropout,
+        smooth=cfg.target_smooth,
         seed=cfg.seed,
     )
     kwargs = {**default_trainer_kwargs(), **(trainer_kwargs or {})}
@@ -282,6 +287,7 @@ def fit_one(
             mode="all",
             max_weights=cfg.max_weights * 4,
             stride=cfg.val_stride,
+            smooth=cfg.target_smooth,
         )
         val_loader = _loader(val, cfg)
     else:

@@ -26,8 +26,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 from sleepbot.errors import SleepbotError
 
 SPLITS = ("train", "val", "test")
-# Runs are split within each group of runs sharing these attributes, so every split holds every setting.
-GROUP_KEYS = ("dataset", "arch", "optimizer", "lr")
+# Runs are split within each group of runs sharing these attributes, so every split holds every kind of run. Not
+# the lr: a corpus spans several lrs per optimizer with one or two runs each, and a group of one or two runs sends
+# none to val or test; the split then also scores lrs a forecaster was not trained on.
+GROUP_KEYS = ("dataset", "arch", "optimizer")
+# The run attributes kept for holdouts and per-attribute tables (`--holdout`, `--by`).
+ATTR_KEYS = ("dataset", "arch", "optimizer", "lr", "batch_size", "max_steps", "seed")
 
 
 @dataclass
@@ -154,7 +158,7 @@ def scan_runs(paths: Sequence[str | Path], min_snapshots: int = 2) -> list[RunIn
                     snapshot_rows=np.asarray(rows, dtype=np.int64),
                     max_steps=int(max_steps) if max_steps else None,
                     group=group,  # type: ignore[arg-type]
-                    attrs={k: run.attrs.get(k) for k in (*GROUP_KEYS, "seed")},
+                    attrs={**{k: run.attrs.get(k) for k in ATTR_KEYS}, **_config_attrs(cfg)},
                 )
             )
     spacings = sorted({r.snapshot_every for r in infos})
@@ -166,6 +170,18 @@ def scan_runs(paths: Sequence[str | Path], min_snapshots: int = 2) -> list[RunIn
     return infos
 
 
+def _config_attrs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Settings of a run's config that holdouts and tables may name: batch_size, max_steps, schedule."""
+    out = {}
+    if (cfg.get("data") or {}).get("batch_size") is not None:
+        out["batch_size"] = cfg["data"]["batch_size"]
+    if (cfg.get("trainer") or {}).get("max_steps") is not None:
+        out["max_steps"] = cfg["trainer"]["max_steps"]
+    if (cfg.get("model") or {}).get("schedule") is not None:
+        out["schedule"] = cfg["model"]["schedule"]
+    return out
+
+
 def split_runs(
     runs: Sequence[RunInfo],
     fractions: tuple[float, float] = (0.15, 0.15),
@@ -174,7 +190,8 @@ def split_runs(
 ) -> dict[str, list[str]]:
     """Assign whole runs to train / val / test; returns run ids per split.
 
-    Within each group of runs with the same dataset, arch, optimizer and lr, the runs are shuffled by `seed` and `fractions` (val, test) of
+    Within each group of runs with the same dataset, arch and optimizer, the runs are shuffled by `seed` and
+    `fractions` (val, test) of
     them go to val and test, at least one each when the group has three runs or more, so every split sees every
     kind of run. `holdout` ({'arch': 'mlp'} or {'dataset': ['mnist1d']}) sends every matching run to test
     instead (an architecture or dataset left out of training).
@@ -247,6 +264,10 @@ class WindowDataset(IterableDataset):
         stride: spacing of end times in `all` mode.
         progress_dropout: probability (random mode) that a position's progress is hidden, so that a forecaster
             also works when the caller does not know max_steps.
+        smooth: the target at horizon h is the mean of the snapshots t+h-smooth+1 .. t+h (1: the snapshot at t+h).
+            A smoothed future loses nothing as a place to jump to (the oracle that jumps to the mean of the
+            snapshots of the last 50 steps before its target is as fast as the point oracle) and holds less of
+            the minibatch noise no forecaster can predict.
         seed: random mode's seed.
     """
 
@@ -262,6 +283,7 @@ class WindowDataset(IterableDataset):
         positions: int = 4,
         stride: int = 1,
         progress_dropout: float = 0.0,
+        smooth: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -276,6 +298,12 @@ class WindowDataset(IterableDataset):
         self.positions = max(1, int(positions))
         self.stride = max(1, int(stride))
         self.progress_dropout = float(progress_dropout)
+        self.smooth = int(smooth)
+        if not 1 <= self.smooth <= self.horizons[0]:
+            raise SleepbotError(
+                f"target smoothing must be between 1 and the smallest horizon {self.horizons[0]} snapshots "
+                f"(the mean of snapshots after the context's last), got {smooth}"
+            )
         self.seed = int(seed)
         self.epoch = 0
         self._files: dict[str, Any] = {}
@@ -352,7 +380,8 @@ class WindowDataset(IterableDataset):
             ok = (torch.as_tensor(ends) + h) < s  # [B]
             mask[j] = ok
             if ok.any():
-                target[j, ok] = traj[idx[ok] + h]
+                at = idx[ok] + h  # [B_ok]
+                target[j, ok] = traj[at[:, None] - torch.arange(self.smooth)].mean(1)
         steps = run.snapshot_steps[ends].astype(np.float64)
         prog = steps / run.max_steps if run.max_steps else np.full(b, np.nan)
         prog = np.where(hide, np.nan, prog)
