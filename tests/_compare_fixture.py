@@ -23,7 +23,14 @@ TINY = {
     ],
     "arms": [
         "none",
-        {"name": "linear", "strategy": "linear", "every_n_steps": 20, "horizon": 2, "context": 2},
+        {
+            "name": "linear",
+            "strategy": "linear",
+            "every_n_steps": 20,
+            "horizon": 2,
+            "context": 2,
+            "check_batches": 1,
+        },
         {"name": "oracle", "strategy": "oracle", "every_n_steps": 20, "horizon": 2},
         {
             "name": "linear+momentum",

@@ -157,10 +157,21 @@ def test_target_and_steps_match_the_runs(comparison):
     for arm, rs in runs.items():
         seeds = w["arms"][arm]["seeds"]
         by_seed = {r["seed"]: r for r in rs}
-        expect = [
-            steps_to_target(by_seed[s]["val_step"], by_seed[s]["val_acc"], w["target"], 40) for s in seeds
+        raw = [steps_to_target(by_seed[s]["val_step"], by_seed[s]["val_acc"], w["target"], 40) for s in seeds]
+        assert w["arms"][arm]["optimizer_steps_to_target"] == raw
+        # A sleep's held-batch forward passes before the target count a third of a step each; a miss is a miss.
+        cost = [
+            sum(e["forwards"] for e in by_seed[s]["events"] if e["step"] < st) / 3 if st <= 40 else 0.0
+            for s, st in zip(seeds, raw)
         ]
-        assert w["arms"][arm]["steps_to_target"] == expect
+        assert w["arms"][arm]["steps_to_target"] == pytest.approx([a + b for a, b in zip(raw, cost)])
+        if arm == "linear":  # check_batches 1: every decision after the context filled cost its forwards
+            assert all(
+                e["forwards"] == 2
+                for r in rs
+                for e in r["events"]
+                if e["reason"] != "history: 1 of 2 snapshots"
+            )
         opt = w["arms"][arm]["optimizer"]
         for r in rs:  # the tuned lr of the arm's optimizer is used, on the same seeds
             assert r["config"]["model"]["lr"] == w["tuning"][opt]["lr"]

@@ -93,3 +93,26 @@ def test_bad_jump_scales_are_one_line_errors(kwargs, message):
     with pytest.raises(SleepbotError, match=message) as info:
         Sleep("linear", **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_learned_writes_the_forecast_by_default_and_probes_when_asked():
+    from sleepbot.sleep.strategies import LEARNED_CHECK_BATCHES, LEARNED_JUMP_SCALES
+
+    cb = Sleep("learned")  # measured: unprobed beat the probe on development seeds (Learned.defaults)
+    assert cb.check_batches == 0 and cb.jump_scales is None
+    cb = Sleep("learned", check_batches=LEARNED_CHECK_BATCHES, jump_scales=list(LEARNED_JUMP_SCALES))
+    assert cb.check_batches == LEARNED_CHECK_BATCHES >= 1
+    assert cb.jump_scales == (0.0, *LEARNED_JUMP_SCALES)  # 0 (no jump) always a candidate
+    with pytest.raises(
+        SleepbotError, match="check_batches >= 1"
+    ):  # scales without held batches to judge them
+        Sleep("learned", check_batches=0, jump_scales=[1.0])
+    assert Sleep("learned", check_batches=2, jump_scales=None).jump_scales is None
+    assert Sleep("learned", check_batches=2, jump_scales=[2.0]).jump_scales == (0.0, 2.0)
+    for other in ("linear", "noise"):
+        assert Sleep(other).jump_scales is None and Sleep(other).check_batches == 0
+    # The random control keeps the base's schedule but not its probe: its jump is the matched size, unprobed.
+    rnd = Sleep("random", base="learned")
+    assert rnd.jump_scales is None and rnd.check_batches == 0
+    with pytest.raises(SleepbotError, match="jump_scales"):
+        Sleep("learned", jump_scales="sometimes")

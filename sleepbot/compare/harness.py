@@ -27,29 +27,31 @@ from sleepbot.config import RunConfig, build_config, merge
 from sleepbot.errors import SleepbotError
 
 # --------------------------------------------------------------------------------------------- one run
-# experiments.py sets each worker's torch threads, which change the float rounding of some kernels.
+# experiments.py sets each worker's torch threads, which change the float rounding of some kernels. The sleep and
+# forecast code decides only the numbers of runs that sleep; a run without sleep never imports it.
 _NUMBERS_CODE = (
     "training.py",
     "experiments.py",
     "models.py",
     "data.py",
     "neurons.py",
-    "compare",
-    "sleep",
-    "forecast",
+    "compare/harness.py",
 )
+_SLEEP_CODE = ("sleep", "forecast")
 
 
 @functools.cache
-def code_digest() -> str:
-    """A hash of the package source that decides a run's numbers (training, models, data, sleep, forecast).
+def code_digest(sleeps: bool = True) -> str:
+    """A hash of the package source that decides a run's numbers: training, models, data and this harness's run
+    task, and for a run that sleeps also sleep/ and forecast/.
 
     Part of every run's key, so that a resumed comparison never mixes runs of different code: after an edit to
-    any of these files, runs are redone rather than silently reused.
+    any of these files, the runs it can change are redone rather than silently reused (a no-sleep run is kept
+    across edits of the sleep code, which it never runs).
     """
     root = Path(__file__).resolve().parent.parent  # the sleepbot package
     h = hashlib.sha1()
-    for name in _NUMBERS_CODE:
+    for name in (*_NUMBERS_CODE, *(_SLEEP_CODE if sleeps else ())):
         path = root / name
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         for f in files:
@@ -61,14 +63,18 @@ def code_digest() -> str:
 def _numbers_key(config: dict[str, Any]) -> str:
     """A hash of everything in a run config that changes its numbers (not where its files go), and of the code."""
     c = json.loads(json.dumps(config))
-    c["code"] = code_digest()
+    c["code"] = code_digest(sleeps=c["sleep"].get("strategy", "none") != "none")
     for k in ("out_dir", "name"):
         c.pop(k, None)
     c["record"].pop("path", None)
     c["record"].pop("overwrite", None)
     c["trainer"].pop("progress_bar", None)
     c["trainer"].pop("logger", None)
-    opts = c["sleep"].get("options") or {}
+    opts = c["sleep"]["options"] = dict(c["sleep"].get("options") or {})
+    if c["sleep"].get("strategy") == "learned" and not opts.get("forecaster"):
+        from sleepbot.forecast.checkpoint import DEFAULT_PATH
+
+        opts["forecaster"] = str(DEFAULT_PATH)  # the shipped checkpoint counts by its contents too (below)
     opts.pop("run", None)  # the oracle's source file: its numbers are in the no-sleep run's own key
     # A file an option names (a forecaster, a NiNo checkpoint) counts by its contents, not its path: a retrained
     # checkpoint at the same path gives new runs.

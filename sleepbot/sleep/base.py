@@ -98,7 +98,8 @@ class SleepStrategy(ABC):
         """
 
     def defaults(self) -> dict[str, Any]:
-        """Callback settings (every_n_steps, horizon, snapshot_every, context) preferred by this strategy."""
+        """Callback settings preferred by this strategy: any of every_n_steps, horizon, snapshot_every, context,
+        check_batches and jump_scales (what the user leaves unset)."""
         return {}
 
     def validate(self, settings: SleepSettings) -> None:  # noqa: B027 - optional hook

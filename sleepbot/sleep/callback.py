@@ -58,7 +58,14 @@ log = logging.getLogger(__name__)
 
 # Used when neither the user nor the strategy sets them (see SleepConfig): 5 snapshots 10 steps apart, a jump
 # 5 snapshots (50 steps) ahead every 50 steps, the setting measured in PRIOR_ART.md.
-DEFAULTS = {"every_n_steps": 50, "horizon": 5, "snapshot_every": 10, "context": 5}
+DEFAULTS: dict[str, Any] = {
+    "every_n_steps": 50,
+    "horizon": 5,
+    "snapshot_every": 10,
+    "context": 5,
+    "check_batches": 0,
+    "jump_scales": None,
+}
 
 __all__ = ["LossFn", "Sleep", "default_loss"]
 
@@ -129,7 +136,8 @@ class Sleep(pl.Callback):
         snapshot_every: steps between ring-buffer snapshots (default: the strategy's, else 10).
         context: snapshots the strategy reads (default: the strategy's, else 5).
         optimizer_state: `keep`, `reset` or `rescale` the moved parameters' optimizer state (optim_state.py).
-        check_batches: held training batches on which the loss is compared before and after a jump (0: none).
+        check_batches: held training batches on which the loss is compared before and after a jump (0: none;
+            default: the strategy's, else 0).
         tolerance: relative loss rise allowed before a jump is rolled back.
         loss_fn: `(module, batch) -> loss` for the check (default: see `default_loss`).
         layers: module names of the layers to move (default: every Conv/Linear layer).
@@ -149,7 +157,9 @@ class Sleep(pl.Callback):
             them, BatchNorm statistics re-estimated for each candidate), and the lowest wins. 0 (no jump) is always
             a candidate, so a jump is taken only when some scale lowers the held loss. None: the proposal as it is
             (with `tolerance` deciding). Its cost, `check_batches` forward passes per candidate (twice with
-            BatchNorm), is in each event's `probe_forwards` and in the run's wall-clock.
+            BatchNorm), is in each event's `probe_forwards` (and `forwards`) and in the run's wall-clock.
+            `auto` (the default): the strategy's choice (no built-in strategy probes by default: for `learned`
+            the probe measured slower than the unprobed jump, see Learned.defaults), off when check_batches is 0.
         **options: the strategy's own options when it is given by name (e.g. alpha=0.01 for `noise`).
     """
 
@@ -165,7 +175,7 @@ class Sleep(pl.Callback):
         snapshot_every: int | None = None,
         context: int | None = None,
         optimizer_state: str = "keep",
-        check_batches: int = 0,
+        check_batches: int | None = None,
         tolerance: float = 0.0,
         loss_fn: LossFn | None = None,
         layers: list[str] | None = None,
@@ -176,7 +186,7 @@ class Sleep(pl.Callback):
         plateau_delta: float = 0.005,
         seed: int = 0,
         buffer_device: str | None = None,
-        jump_scales: list[float] | None = None,
+        jump_scales: list[float] | str | None = "auto",
         **options: Any,
     ) -> None:
         super().__init__()
@@ -192,6 +202,14 @@ class Sleep(pl.Callback):
         for key, value in resolved.items():
             if value < 1:
                 raise SleepbotError(f"sleep {key} must be >= 1, got {value}")
+        if check_batches is None:
+            check_batches = int(preferred["check_batches"])
+        if isinstance(jump_scales, str):
+            if jump_scales != "auto":
+                raise SleepbotError(
+                    f"sleep jump_scales must be a list of numbers >= 0, None or 'auto', got {jump_scales!r}"
+                )
+            jump_scales = preferred["jump_scales"] if check_batches >= 1 else None
         if check_batches < 0 or not tolerance >= 0:
             raise SleepbotError(f"check_batches and tolerance must be >= 0, got {check_batches}, {tolerance}")
         self.settings = SleepSettings(
@@ -475,6 +493,7 @@ class Sleep(pl.Callback):
             "loss_before": math.nan,
             "loss_after": math.nan,
             "rel_jump": 0.0,
+            "forwards": 0,  # held-batch forward passes this decision spent (its cost, with the wall-clock)
         }
         if len(rows) < self.context:
             out["reason"] = f"history: {len(rows)} of {self.context} snapshots"
@@ -515,8 +534,10 @@ class Sleep(pl.Callback):
         checked = bool(self.check_batches and self._held)
         norms = norm_layers(trainer, pl_module) if checked else []
         saved_norms = norm_state(norms)
+        per_eval = len(self._held) * (2 if norms else 1)  # forward passes of one held-loss evaluation
         if checked:
             out["loss_before"] = self._held_loss(trainer, pl_module, norms)
+            out["forwards"] = per_eval
         if checked and self.jump_scales is not None:
             return self._probe(trainer, pl_module, norms, saved_norms, current, proposal, total, out)
         self._write(proposal)
@@ -525,6 +546,7 @@ class Sleep(pl.Callback):
                 trainer, pl_module, norms
             )  # re-estimates BN statistics for the new weights
             out["loss_after"] = after
+            out["forwards"] += per_eval
             limit = out["loss_before"] * (1.0 + self.tolerance)
             if not math.isfinite(after) or after > limit:
                 self._write(current)  # roll back, statistics included, bit for bit
@@ -550,7 +572,7 @@ class Sleep(pl.Callback):
     ) -> dict[str, Any]:
         """The adaptive jump: the scale of the proposed displacement with the lowest held loss (0 included)."""
         per_eval = len(self._held) * (2 if norms else 1)  # forward passes of one held-loss evaluation
-        losses = {0.0: out["loss_before"]}
+        losses = {0.0: out["loss_before"]}  # already paid for in out["forwards"]
         for scale in self.jump_scales:
             if scale == 0.0:
                 continue
@@ -561,6 +583,7 @@ class Sleep(pl.Callback):
         out["probe"] = {str(k): v for k, v in losses.items()}
         out["scale"] = best
         out["probe_forwards"] = per_eval * len(losses)
+        out["forwards"] = out["probe_forwards"]
         if best == 0.0:
             self._write(
                 current
@@ -571,8 +594,12 @@ class Sleep(pl.Callback):
             return out
         chosen = {n: current[n] + best * (proposal[n] - current[n]) for n in current}
         self._write(chosen)
-        out["loss_after"] = self._held_loss(trainer, pl_module, norms)  # statistics for the chosen weights
-        out["probe_forwards"] += per_eval
+        if norms:  # statistics for the chosen weights (the probe left the last candidate's)
+            out["loss_after"] = self._held_loss(trainer, pl_module, norms)
+            out["probe_forwards"] += per_eval
+        else:  # nothing else depends on the candidate: its probe loss is the loss after
+            out["loss_after"] = losses[best]
+        out["forwards"] = out["probe_forwards"]
         moved = sum(float((chosen[n] - current[n]).pow(2).sum()) for n in chosen)
         out["rel_jump"] = math.sqrt(moved / total) if total > 0 else 0.0
         out.update(accepted=True, reason=f"ok (scale {best:g})", weights=chosen, old=current)
@@ -644,6 +671,7 @@ class Sleep(pl.Callback):
             "loss_before": float(decision["loss_before"]),
             "loss_after": float(decision["loss_after"]),
             "rel_jump": float(decision["rel_jump"]),
+            "forwards": int(decision.get("forwards", 0)),
             "seconds": time.perf_counter() - t0,
         }
         if "scale" in decision:  # the adaptive jump's choice and its cost
