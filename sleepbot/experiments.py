@@ -265,9 +265,8 @@ def load_collect_config(path: str | Path) -> CollectConfig:
             )
         groups = checked
     cfg = CollectConfig(**_axes(data, ""), run=run, groups=groups)
-    collect_grid(
-        cfg, "check"
-    )  # bad names and keys, and clashing run names, fail here, before any worker starts
+    # Bad names and keys, and clashing run names, fail here, before any worker starts.
+    collect_grid(cfg, "check")
     return cfg
 
 

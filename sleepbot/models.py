@@ -136,21 +136,25 @@ def cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return nn.Sequential(features, nn.Linear(_flat_dim(features, input_shape), num_classes))
 
 
+def _gap_cnn(
+    input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...], strides: tuple[int, ...]
+) -> nn.Module:
+    """3-wide convolutions (padding 1) of `channels` with `strides`, each with a ReLU, then global average pooling
+    and a linear head: the shape wide_cnn and cnn3 share."""
+    conv, _, apool, _ = _ops(input_shape)
+    layers: list[nn.Module] = []
+    c = input_shape[0]
+    for width, stride in zip(channels, strides):
+        layers += [conv(c, width, 3, stride=stride, padding=1), nn.ReLU()]
+        c = width
+    return nn.Sequential(*layers, apool(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+
 @register_arch("wide_cnn")
 def wide_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A wide, shallow CNN with a global-average-pool head: 3-wide convolutions of 64 and 128 channels (the second
     with stride 2), global average pooling, a linear head. Conv neurons with 576-1,152 inputs, a head of 128."""
-    conv, _, apool, _ = _ops(input_shape)
-    c = input_shape[0]
-    return nn.Sequential(
-        conv(c, 64, 3, padding=1),
-        nn.ReLU(),
-        conv(64, 128, 3, stride=2, padding=1),
-        nn.ReLU(),
-        apool(1),
-        nn.Flatten(),
-        nn.Linear(128, num_classes),
-    )
+    return _gap_cnn(input_shape, num_classes, (64, 128), (1, 2))
 
 
 @register_arch("deep_cnn")
@@ -172,20 +176,8 @@ def cnn3(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Three 3-wide convolutions (8, 16, 32 channels; strides 1, 2, 2), global average pooling, a linear head.
 
     Kept out of configs/collect_meta.yaml on purpose: the held-out architecture of the SGD+momentum workload
-    (configs/compare_learned.yaml), a kind of run the shipped forecaster never saw."""
-    conv, _, apool, _ = _ops(input_shape)
-    c = input_shape[0]
-    return nn.Sequential(
-        conv(c, 8, 3, padding=1),
-        nn.ReLU(),
-        conv(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        conv(16, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        apool(1),
-        nn.Flatten(),
-        nn.Linear(32, num_classes),
-    )
+    (configs/compare_momentum.yaml), a kind of run the shipped forecaster never saw."""
+    return _gap_cnn(input_shape, num_classes, (8, 16, 32), (1, 2, 2))
 
 
 @register_arch("mlp")

@@ -8,13 +8,6 @@ snapshot-to-snapshot steps (how big, how consistent in direction, how its norm c
 the neuron (layer kind, fan-in, how fast it moves relative to its size). A neuron is ~1/100 to 1/1000 of the
 weights, so the recurrence costs little.
 
-What it does NOT read by default: the relative training time step / max_steps (`read_progress`). A forecaster that
-reads it jumps differently in the first 500 steps of a run with max_steps 500 than of one with 5,000, so a user's
-budget would change what sleep does; checkpoints trained before this option read it (and keep doing so).
-
-Ablation switches (README, "Forecaster ablations"): `mixer="mlp"` replaces the recurrence by an MLP over the
-same step features flattened (does the LSTM earn its place?); `layer_context=True` adds the mean of the layer's
-neuron states to each neuron's (NiNo's case for neuron interaction, in its cheapest form).
 Its output conditions a per-weight head shared by every weight: the head reads the weight's own context (in the
 neuron's motion units) and the least-squares line through it, and predicts
 
@@ -24,6 +17,15 @@ where line_h is the linear extrapolation h snapshots ahead and alpha_{n,h} a per
 (initialised at 1, so training starts from linear extrapolation and learns where to damp or amplify it). The head
 is a one-hidden-layer MLP whose hidden bias comes from the neuron state, so per weight it costs one small matmul
 in, one out.
+
+What it does NOT read by default: the relative training time step / max_steps (`read_progress`). A forecaster that
+reads it jumps differently in the first 500 steps of a run with max_steps 500 than of one with 5,000, so a user's
+budget would change what sleep does; checkpoints trained before this option read it (and keep doing so).
+
+Ablation switches (scripts/forecaster_ablations.py; README, "The weight forecaster"): `mixer="mlp"` replaces the
+recurrence by an MLP over the same step features flattened (does the LSTM earn its place?); `layer_context=True`
+adds the mean of the layer's neuron states to each neuron's (NiNo's case for neuron interaction, in its cheapest
+form).
 """
 
 from __future__ import annotations

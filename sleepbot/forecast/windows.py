@@ -173,12 +173,10 @@ def scan_runs(paths: Sequence[str | Path], min_snapshots: int = 2) -> list[RunIn
 def _config_attrs(cfg: dict[str, Any]) -> dict[str, Any]:
     """Settings of a run's config that holdouts and tables may name: batch_size, max_steps, schedule."""
     out = {}
-    if (cfg.get("data") or {}).get("batch_size") is not None:
-        out["batch_size"] = cfg["data"]["batch_size"]
-    if (cfg.get("trainer") or {}).get("max_steps") is not None:
-        out["max_steps"] = cfg["trainer"]["max_steps"]
-    if (cfg.get("model") or {}).get("schedule") is not None:
-        out["schedule"] = cfg["model"]["schedule"]
+    for section, key in (("data", "batch_size"), ("trainer", "max_steps"), ("model", "schedule")):
+        value = (cfg.get(section) or {}).get(key)
+        if value is not None:
+            out[key] = value
     return out
 
 

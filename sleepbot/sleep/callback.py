@@ -539,7 +539,9 @@ class Sleep(pl.Callback):
             out["loss_before"] = self._held_loss(trainer, pl_module, norms)
             out["forwards"] = per_eval
         if checked and self.jump_scales is not None:
-            return self._probe(trainer, pl_module, norms, saved_norms, current, proposal, total, out)
+            return self._probe(
+                trainer, pl_module, norms, saved_norms, current, proposal, total, per_eval, out
+            )
         self._write(proposal)
         if checked:
             after = self._held_loss(
@@ -568,10 +570,11 @@ class Sleep(pl.Callback):
         current: dict[str, torch.Tensor],
         proposal: dict[str, torch.Tensor],
         total: float,
+        per_eval: int,
         out: dict[str, Any],
     ) -> dict[str, Any]:
-        """The adaptive jump: the scale of the proposed displacement with the lowest held loss (0 included)."""
-        per_eval = len(self._held) * (2 if norms else 1)  # forward passes of one held-loss evaluation
+        """The adaptive jump: the scale of the proposed displacement with the lowest held loss (0 included);
+        `per_eval` is the forward passes of one held-loss evaluation."""
         losses = {0.0: out["loss_before"]}  # already paid for in out["forwards"]
         for scale in self.jump_scales:
             if scale == 0.0:
