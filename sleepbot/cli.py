@@ -355,9 +355,17 @@ def _add_train_forecaster(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. forecaster.pt")
     p.add_argument(
-        "--kind", default="lstm", help="forecaster kind to train (a registry name): lstm (default) or mlp"
+        "--kind",
+        default="lstm",
+        help="forecaster kind to train (a registry name): lstm (default), multiscale or mlp",
     )
     p.add_argument("--context", type=int, default=5, help="snapshots read (default 5)")
+    p.add_argument(
+        "--min-context",
+        type=int,
+        default=None,
+        help="train on every history length from this to --context (forecasters that read several, e.g. multiscale)",
+    )
     p.add_argument("--horizons", default="5,10,20", help="snapshots ahead, comma-separated (default 5,10,20)")
     p.add_argument(
         "--baselines",
@@ -430,6 +438,7 @@ def _run_train_forecaster(args: argparse.Namespace) -> int:
         threads=args.threads,
         model=args.kind,
         context=args.context,
+        min_context=args.min_context,
         horizons=_int_list(args.horizons, "--horizons"),
         model_options=dict(tree.get("forecaster", {})),
         baselines=tuple(b.strip() for b in args.baselines.split(",") if b.strip()),

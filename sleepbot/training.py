@@ -43,6 +43,8 @@ class RunResult:
     val_step: list[int] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    # Training wall-clock (seconds since fit start, validation excluded, sleeping included) at each validation.
+    val_train_seconds: list[float] = field(default_factory=list)
     test_acc: float | None = None
     steps: int = 0
     fit_seconds: float = 0.0
@@ -61,13 +63,29 @@ class RunResult:
 
 
 class _Timing(pl.Callback):
+    """Fit wall-clock, and the training time (validation excluded) at each validation: the wall-clock axis of a
+    time-to-target figure. It is the last callback, so the others' work at a validation counts as validation."""
+
     def __init__(self) -> None:
         self.first_step: float | None = None
         self.fit_start = 0.0
         self.fit_end = 0.0
+        self.val_seconds = 0.0  # spent validating so far
+        self._val_start = 0.0
+        self.train_seconds_at_val: list[tuple[int, float]] = []
+        self.train_seconds = 0.0  # at the end of fit
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.fit_start = time.time()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.time()
+        if not trainer.sanity_checking and not self.fit_end:  # not the closing validation after fit
+            elapsed = self._val_start - self.fit_start - self.val_seconds
+            self.train_seconds_at_val.append((int(trainer.global_step), elapsed))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.val_seconds += time.time() - self._val_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.first_step is None:
@@ -75,6 +93,7 @@ class _Timing(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.fit_end = time.time()
+        self.train_seconds = self.fit_end - self.fit_start - self.val_seconds
 
 
 def make_logger(cfg: RunConfig):
@@ -193,6 +212,9 @@ def run_training(
         val_step=list(module.history["step"]),
         val_acc=list(module.history["acc"]),
         val_loss=list(module.history["loss"]),
+        val_train_seconds=_seconds_at(
+            timing.train_seconds_at_val, module.history["step"], timing.train_seconds
+        ),
         test_acc=module.test_acc,
         steps=int(trainer.global_step),
         fit_seconds=timing.fit_end - timing.fit_start,
@@ -202,6 +224,12 @@ def run_training(
         log_dir=log_dir,
         events=events,
     )
+
+
+def _seconds_at(at_val: list[tuple[int, float]], steps: list[int], end: float) -> list[float]:
+    """The training seconds at each validation step of the curve (the closing validation after fit: `end`)."""
+    seen = dict(at_val)
+    return [float(seen.get(int(s), end)) for s in steps]
 
 
 def set_threads(n: int | None) -> None:

@@ -181,6 +181,27 @@ def test_target_and_steps_match_the_runs(comparison):
     assert sorted(w["arms"]["linear"]["seeds"]) == sorted(w["arms"]["none"]["seeds"]) == [5, 6]
 
 
+def test_wall_clock_to_target_reads_each_runs_training_seconds(comparison):
+    res = load_results(comparison)
+    w = res["workloads"]["default"]
+    runs = load_runs(comparison)
+    for arm, rs in runs.items():
+        by_seed = {r["seed"]: r for r in rs}
+        st = w["arms"][arm]
+        for seed, secs, steps in zip(st["seeds"], st["seconds_to_target"], st["optimizer_steps_to_target"]):
+            r = by_seed[seed]
+            times = r["val_train_seconds"]
+            # one training time per validation, increasing, within the run's fit time
+            assert len(times) == len(r["val_step"]) and all(b >= a for a, b in zip(times, times[1:]))
+            assert 0 < times[-1] <= r["fit_seconds"]
+            if steps <= 40:  # a hit: the time of the first validation at the target
+                assert secs == times[r["val_step"].index(int(steps))]
+            else:  # a miss: twice the run's training time
+                assert secs == pytest.approx(2 * times[-1])
+        if arm != "none":
+            assert st["wall_speedup"]["vs"] == "none" and st["wall_speedup"]["ratio"] > 0
+
+
 def test_oracle_reads_its_own_seeds_no_sleep_run(comparison):
     runs = load_runs(comparison)
     none_files = {r["seed"]: r["record_path"] for r in runs["none"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +40,9 @@ VARIANTS = {
     "lstm-mixer_mlp": ("lstm", {"mixer": "mlp"}),
     "lstm-layer_context": ("lstm", {"layer_context": True}),
     "lstm-read_progress": ("lstm", {"read_progress": True}),
+    "multiscale-mixer_none": ("multiscale", {"mixer": "none"}),
+    "multiscale-mixer_mlp": ("multiscale", {"mixer": "mlp"}),
+    "multiscale-head": ("multiscale", {"head_hidden": 8}),
 }
 
 
@@ -279,3 +283,45 @@ def test_lstm_ignores_the_budget_unless_told_to_read_it():
     assert not torch.equal(a, b)
     with pytest.raises(SleepbotError, match="mixer"):
         build_forecaster("lstm", mixer="gru")
+
+
+# --------------------------------------------------------------------------------------------- multiscale
+@pytest.mark.parametrize("c", [2, 4, 7, 20, 25])
+def test_trend_features_match_a_loop_over_each_window(c):
+    from sleepbot.forecast.multiscale import R_WINDOWS, S_WINDOWS, trend_features
+
+    g = torch.Generator().manual_seed(c)
+    hist = torch.randn(c, 3, 5, generator=g, dtype=torch.float64).cumsum(0) + 10.0
+    scale = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    got = trend_features(hist, scale)
+    assert len(got) == len(R_WINDOWS) + len(S_WINDOWS)
+    want = []
+    for k in R_WINDOWS:  # mean of the last k (the whole history when shorter) minus the last, in motion units
+        k = min(k, c)
+        want.append((hist[-k:].mean(0) - hist[-1]) / scale[:, None])
+    for k in S_WINDOWS:  # least-squares slope per snapshot over the last k, by np.polyfit weight by weight
+        k = min(k, c)
+        slope = torch.zeros(3, 5, dtype=torch.float64)
+        for n in range(3):
+            for f in range(5):
+                slope[n, f] = float(np.polyfit(np.arange(k), hist[-k:, n, f].numpy(), 1)[0])
+        want.append(slope / scale[:, None])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_multiscale_reads_any_history_length_between_its_min_and_its_context():
+    model = build_forecaster("multiscale", context=8, min_context=3, horizons=(2, 4))
+    hist = _history(c=12)
+    for c in (3, 5, 8):
+        out = model.predict(hist[-c:], 2, kind="linear")
+        assert out.shape == hist.shape[1:] and torch.isfinite(out).all()
+    torch.testing.assert_close(model.predict(hist, 2), model.predict(hist[-8:], 2))  # only the last 8 count
+    with pytest.raises(SleepbotError, match="needs at least 3 \\(its min_context\\)"):
+        model.predict(hist[-2:], 2)
+    with pytest.raises(SleepbotError, match="min_context must be between 2 and context"):
+        build_forecaster("multiscale", context=8, min_context=9)
+    # a mixer of global coefficients only, and the per-weight head, give forecasts of the same shape
+    for options in ({"mixer": "none"}, {"head_hidden": 8}, {"mixer": "mlp", "layer_context": True}):
+        m = build_forecaster("multiscale", context=8, min_context=3, horizons=(2, 4), **options)
+        assert m.predict(hist, 4).shape == hist.shape[1:]

@@ -206,3 +206,22 @@ def test_smoothed_targets_are_the_mean_of_the_last_snapshots(store):
     assert checked > 100
     with pytest.raises(SleepbotError, match="smoothing"):
         WindowDataset(runs, CONTEXT, HORIZONS, smooth=HORIZONS[0] + 1)
+
+
+def test_min_context_draws_every_history_length_from_the_first_allowed_end(store):
+    runs = scan_runs(resolve_paths(store))
+    ref = reference_windows(runs)
+    ds = WindowDataset(
+        runs, 6, HORIZONS, mode="random", groups=300, max_weights=24, positions=2, seed=1, min_context=2
+    )
+    groups = list(ds)
+    lengths = Counter(g["history"].shape[0] for g in groups)
+    assert sorted(lengths) == [2, 3, 4, 5, 6] and min(lengths.values()) > 300 / 5 * 0.6, lengths
+    for g in groups:  # every window is the run's real snapshots: its last rows match the 3-snapshot reference
+        c = g["history"].shape[0]
+        assert int(g["t_end"].min()) >= c - 1
+        if c >= CONTEXT:
+            sub = dict(g, history=g["history"][-CONTEXT:])
+            check_against_reference([sub], ref)
+    with pytest.raises(SleepbotError, match="min_context"):
+        WindowDataset(runs, 3, HORIZONS, min_context=4)

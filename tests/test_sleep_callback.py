@@ -64,6 +64,78 @@ def test_schedule_ring_buffer_and_history():
     assert list(by_layer) == ["body.0", "head"]
 
 
+class Snapshots(Recorder):
+    """A Recorder that keeps a copy of every history it was shown."""
+
+    def __init__(self, delta: float = 0.0) -> None:
+        super().__init__(delta)
+        self.histories: list[tuple[str, list[int], torch.Tensor]] = []
+
+    def propose(self, history, horizon, ctx):
+        self.histories.append((ctx.layer, ctx.steps.tolist(), history.clone()))
+        return super().propose(history, horizon, ctx)
+
+
+def test_carry_history_translates_the_buffer_by_each_jump():
+    rec = Snapshots(delta=0.25)
+    cb = Sleep(rec, every_n_steps=4, snapshot_every=2, context=5, min_context=3, carry_history=True)
+    _fit([cb], max_steps=17)
+    assert [e["step"] for e in cb.events] == [4, 8, 12, 16]
+    assert all(e["accepted"] for e in cb.events)
+    head = [(steps, h) for layer, steps, h in rec.histories if layer == "head"]
+    # min_context: the first sleep reads the 3 snapshots it has; later ones up to 5, across the jumps
+    assert [steps for steps, _ in head] == [
+        [0, 2, 4],
+        [0, 2, 4, 6, 8],
+        [4, 6, 8, 10, 12],
+        [8, 10, 12, 14, 16],
+    ]
+    # every snapshot before a jump is translated by it (+0.25 per weight here): at step 8 the rows of steps
+    # 0-4 are what the first sleep saw, plus 0.25, and the row of step 4 is the weights the jump wrote
+    first, second = head[0][1], head[1][1]
+    torch.testing.assert_close(second[:2], first[:2] + 0.25)
+    torch.testing.assert_close(second[2], first[2] + 0.25)
+    # without it the history restarts at each jump, and a sleep waits for min_context new snapshots
+    rec2 = Snapshots(delta=0.25)
+    cb2 = Sleep(rec2, every_n_steps=4, snapshot_every=2, context=5, min_context=3)
+    _fit([cb2], max_steps=17)
+    assert [s for layer, s, _ in rec2.histories if layer == "head"] == [
+        [0, 2, 4],
+        [4, 6, 8],
+        [8, 10, 12],
+        [12, 14, 16],
+    ]
+
+
+def test_min_context_is_checked():
+    with pytest.raises(SleepbotError, match="min_context must be between 1 and context"):
+        Sleep("linear", context=3, min_context=4)
+
+
+def test_reservoir_holds_a_uniform_sample_of_seen_batches_and_resumes():
+    seen = []
+
+    class Spy(Sleep):
+        def _hold(self, batch):
+            seen.append(batch[1].clone())
+            super()._hold(batch)
+
+    cb = Spy("noise", every_n_steps=40, check_batches=3, held_batches="reservoir", alpha=0.0)
+    _fit([cb], max_steps=30)
+    assert len(cb._held) == 3 and cb._seen == 30
+    positions = [next(i for i, b in enumerate(seen) if torch.equal(b, h[1])) for h in cb._held]
+    # not simply the last three batches, and the same draw from the same seed
+    assert sorted(positions) != [27, 28, 29]
+    again = Spy("noise", every_n_steps=40, check_batches=3, held_batches="reservoir", alpha=0.0)
+    seen.clear()
+    _fit([again], max_steps=30)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(cb._held, again._held))
+    state = cb.state_dict()
+    assert state["seen"] == 30
+    with pytest.raises(SleepbotError, match="held_batches"):
+        Sleep("noise", held_batches="latest")
+
+
 def test_should_sleep_override_and_short_history():
     class Twice(Sleep):
         def should_sleep(self, step):

@@ -100,3 +100,34 @@ def test_resumed_oracle_jumps_to_the_same_targets(recorded, tmp_path):
     assert _events(resumed_cb) == _events(full_cb)
     for k, v in full.state_dict().items():
         assert torch.equal(v, module.state_dict()[k]), k
+
+
+class BeforeSleep(pl.Callback):
+    """The neuron matrices right before Sleep runs at its sleep steps (placed before Sleep)."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in SLEEPS:
+            self.at[trainer.global_step] = {n: neuron_matrix(m) for n, m in neuron_layers(pl_module).items()}
+
+
+def test_a_degraded_oracle_scales_the_true_displacement_and_adds_noise(recorded):
+    path, snaps = recorded
+    before, after = BeforeSleep(), AfterSleep()
+    cb = Sleep("oracle", run=str(path), every_n_steps=6, horizon=2, snapshot_every=2, scale=0.5)
+    _fit([before, cb, after], max_steps=8)
+    for layer, want in snaps[10].items():  # the first jump: half of the way to step 10's weights
+        now = before.at[6][layer]
+        torch.testing.assert_close(after.at[6][layer], now + 0.5 * (want - now))
+    noisy, after2 = (
+        Sleep("oracle", run=str(path), every_n_steps=6, horizon=2, snapshot_every=2, noise=0.5),
+        AfterSleep(),
+    )
+    _fit([noisy, after2], max_steps=8)
+    for layer, want in snaps[10].items():
+        d = want - before.at[6][layer]
+        err = after2.at[6][layer] - want  # noise: 0.5 x each neuron's RMS displacement x N(0, 1)
+        ratio = err.pow(2).mean(1).sqrt() / d.pow(2).mean(1).sqrt()
+        assert 0.1 < float(ratio.median()) < 1.0, (layer, ratio)

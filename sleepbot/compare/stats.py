@@ -99,6 +99,17 @@ def sleep_cost_steps(result: dict[str, Any], before_step: float) -> float:
     return forwards / FORWARDS_PER_STEP
 
 
+def seconds_to_target(result: dict[str, Any], target: float, miss_factor: float) -> float:
+    """Training wall-clock (validation excluded; sleeping, forecaster and probe included) until the first
+    validation at `target`; a miss counts `miss_factor` x the run's whole training time. NaN for a run recorded
+    before the per-validation times were (no `val_train_seconds`)."""
+    secs = result.get("val_train_seconds") or []
+    if len(secs) != len(result.get("val_acc") or []) or not secs:
+        return float("nan")
+    hit = np.nonzero(np.asarray(result["val_acc"], dtype=float) >= target)[0]
+    return float(secs[hit[0]]) if hit.size else float(miss_factor * secs[-1])
+
+
 def _arm_stats(
     runs_by_seed: dict[int, dict[str, Any]], target: float, budget: int, miss_factor: float, n_boot: int
 ) -> dict[str, Any]:
@@ -114,6 +125,7 @@ def _arm_stats(
     ]
     aucs = [curve_auc(r["val_step"], r["val_acc"]) if r.get("val_acc") else float("nan") for r in rs]
     walls = [float(r.get("wall_seconds", r.get("fit_seconds", float("nan")))) for r in rs]
+    wall_to_target = [seconds_to_target(r, target, miss_factor) for r in rs]
     sleeps = [sum(1 for e in r.get("events") or [] if e.get("accepted", True)) for r in rs]
 
     def s(x: list[float], seed: int = 0) -> dict[str, float]:
@@ -131,21 +143,33 @@ def _arm_stats(
         "final_val_acc": s([_final_val(r) for r in rs]),
         "auc": s(aucs),
         "wall_seconds": s(walls),
+        "seconds_to_target": wall_to_target,
+        "wall_to_target": s(wall_to_target),
         "accepted_sleeps": float(np.median(sleeps)) if sleeps else 0.0,
     }
 
 
-def _steps_of(arm_stats: dict[str, Any], seeds: list[int]) -> list[float]:
-    """An arm's steps to target for `seeds`, in that order (pairs arms by seed)."""
-    return [arm_stats["steps_to_target"][arm_stats["seeds"].index(s)] for s in seeds]
+def _steps_of(arm_stats: dict[str, Any], seeds: list[int], key: str = "steps_to_target") -> list[float]:
+    """An arm's steps to target (or another per-seed list, `key`) for `seeds`, in that order (pairs arms by
+    seed)."""
+    return [arm_stats[key][arm_stats["seeds"].index(s)] for s in seeds]
 
 
-def _paired_vs(base: dict[str, Any], arm: dict[str, Any], n_boot: int, name: str) -> dict[str, Any] | None:
-    """The arm's speedup over `base` (another arm's stats), paired by seed; None without common seeds."""
+def _paired_vs(
+    base: dict[str, Any], arm: dict[str, Any], n_boot: int, name: str, key: str = "steps_to_target"
+) -> dict[str, Any] | None:
+    """The arm's speedup over `base` (another arm's stats) in `key` (steps, or `seconds_to_target`), paired by
+    seed; None without common seeds (or without times)."""
     paired = sorted(set(base["seeds"]) & set(arm["seeds"]))
+    if key != "steps_to_target":
+        paired = [
+            x for x in paired if math.isfinite(_steps_of(base, [x], key)[0] + _steps_of(arm, [x], key)[0])
+        ]
     if not paired:
         return None
-    sp = dataclasses.asdict(paired_speedup(_steps_of(base, paired), _steps_of(arm, paired), n_boot=n_boot))
+    sp = dataclasses.asdict(
+        paired_speedup(_steps_of(base, paired, key), _steps_of(arm, paired, key), n_boot=n_boot)
+    )
     sp["vs"] = name
     sp["n_pairs"] = len(paired)
     return sp
@@ -210,6 +234,9 @@ def summarize_comparison(
                 continue
             if a.name != none_name and arms[none_name].get("n"):
                 st["speedup"] = _paired_vs(arms[none_name], st, cfg.n_boot, none_name)
+                st["wall_speedup"] = _paired_vs(
+                    arms[none_name], st, cfg.n_boot, none_name, "seconds_to_target"
+                )
             if best_alt is not None and a.name != best_alt:
                 st["speedup_vs_best"] = _paired_vs(arms[best_alt], st, cfg.n_boot, best_alt)
         # Each sleep arm's step saving as a fraction of the oracle's on the same base optimizer.
@@ -262,6 +289,7 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             sp = a.get("speedup") or {}
             sb = a.get("speedup_vs_best") or {}
+            ws = a.get("wall_speedup") or {}
             fo = a.get("fraction_of_oracle") or {}
             rows.append(
                 {
@@ -289,6 +317,10 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "final_val_acc": a["final_val_acc"]["median"],
                     "auc_val_acc": a["auc"]["median"],
                     "wall_seconds": a["wall_seconds"]["median"],
+                    "wall_to_target": (a.get("wall_to_target") or {}).get("median"),
+                    "wall_speedup": ws.get("ratio"),
+                    "wall_speedup_lo": ws.get("lo"),
+                    "wall_speedup_hi": ws.get("hi"),
                     "accepted_sleeps": a["accepted_sleeps"],
                     "fraction_of_oracle": fo.get("value"),
                     "fraction_of_oracle_lo": fo.get("lo"),
@@ -324,6 +356,10 @@ CSV_COLUMNS = (
     "final_val_acc",
     "auc_val_acc",
     "wall_seconds",
+    "wall_to_target",
+    "wall_speedup",
+    "wall_speedup_lo",
+    "wall_speedup_hi",
     "accepted_sleeps",
     "fraction_of_oracle",
     "fraction_of_oracle_lo",
@@ -390,7 +426,7 @@ TABLE_HEADER = (
     "final test acc",
     "test acc at best val",
     "AUC val acc",
-    "wall s",
+    "wall s to target (vs none)",
     "saving / oracle's",
 )
 
@@ -429,13 +465,20 @@ def table_rows(workload: dict[str, Any], show_speedup: bool = True) -> list[list
                 _f(a["final_test_acc"]["median"], 4),
                 _f(a["test_acc_at_best_val"]["median"], 4),
                 _f(a["auc"]["median"], 3),
-                _f(a["wall_seconds"]["median"], 1),
+                _wall(a, show_speedup),
                 f"{_f(fo['value'], 2)} [{_f(fo['lo'], 2)}, {_f(fo['hi'], 2)}]"
                 if fo and show_speedup
                 else "-",
             ]
         )
     return rows
+
+
+def _wall(a: dict[str, Any], show_speedup: bool) -> str:
+    """Median training seconds to the target, with the paired wall-clock speedup over none when there is one."""
+    med = (a.get("wall_to_target") or {}).get("median")
+    ws = a.get("wall_speedup") if show_speedup else None
+    return _f(med, 1) + (f" ({_f(ws['ratio'], 2)}x)" if ws else "")
 
 
 def table_notes(results: dict[str, Any], wname: str) -> list[str]:
@@ -449,7 +492,10 @@ def table_notes(results: dict[str, Any], wname: str) -> list[str]:
         f"budget {w['budget']} steps (a miss counts as {cfg['miss_factor']:g}x); speedup = median steps of the "
         f"reference / of the arm (> 1 is faster), paired BCa 95% CI. A sleep arm's steps include what its sleeps "
         f"spent before the target: each held-batch forward pass (check, adaptive probe) = 1/{FORWARDS_PER_STEP:g} "
-        f"step; its wall s include the forecaster."
+        f"step. Wall s to target: training seconds (validation excluded; sleeping, forecaster and probe included; "
+        f"a miss counts {cfg['miss_factor']:g}x the run's) to the first validation at the target, median, with "
+        f"the paired speedup over none; every run on one core of the same machine, recording its weights (the "
+        f"oracle reads the no-sleep ones)."
     ]
     for opt, t in (w.get("tuning") or {}).items():
         if t.get("grid"):

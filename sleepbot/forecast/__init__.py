@@ -5,7 +5,7 @@
     w_next = f.predict(history, horizon=5, kind="conv2d")    # history [C, N, F] -> [N, F]
 
 Modules: `base` (the Forecaster interface and registry), `baselines` (persistence, linear, WNN-style MLP), `lstm`
-(the LSTM forecaster), `windows` (the windows dataset over run files, split by run), `module` (ForecasterModule,
+(the LSTM forecaster), `multiscale` (the long-history LSTM forecaster), `windows` (the windows dataset over run files, split by run), `module` (ForecasterModule,
 train_forecaster), `evaluate` (R2_disp and cosine tables), `checkpoint` (save/load, weights_only).
 """
 
@@ -30,6 +30,7 @@ from sleepbot.forecast.checkpoint import (
     save_forecaster,
 )
 from sleepbot.forecast.lstm import LSTMForecaster
+from sleepbot.forecast.multiscale import MultiScaleForecaster
 
 __all__ = [
     "DEFAULT_PATH",
@@ -38,6 +39,7 @@ __all__ = [
     "Forecaster",
     "LSTMForecaster",
     "LearnedForecaster",
+    "MultiScaleForecaster",
     "LinearForecaster",
     "MLPForecaster",
     "PersistenceForecaster",

@@ -66,7 +66,9 @@ class Forecaster(nn.Module):
     Attributes:
         name: the registry name (set by `register_forecaster`).
         learned: whether it has parameters to train (`LearnedForecaster`).
-        context: snapshots it reads (the last `context` of the history it is given).
+        context: snapshots it reads at most (the last `context` of the history it is given).
+        min_context: snapshots it needs at least (a forecaster trained on histories of several lengths reads
+            whatever it is given between `min_context` and `context`; by default min_context = context).
         horizons: the snapshots ahead it was trained to predict (the evaluation reports these).
         snapshot_every: optimizer steps between the snapshots of its training data, when known (a checkpoint
             carries it); a caller whose snapshots are spaced differently should know it is outside the training
@@ -89,14 +91,19 @@ class Forecaster(nn.Module):
         horizons: Sequence[int] = (5, 10, 20),
         snapshot_every: int | None = None,
         default_horizon: int | None = None,
+        min_context: int | None = None,
     ) -> None:
         super().__init__()
         horizons = tuple(int(h) for h in horizons)
         if int(context) < 2:
             raise SleepbotError(f"context must be at least 2 snapshots, got {context}")
+        min_context = int(context) if min_context is None else int(min_context)
+        if not 2 <= min_context <= int(context):
+            raise SleepbotError(f"min_context must be between 2 and context ({context}), got {min_context}")
         if not horizons or min(horizons) < 1 or list(horizons) != sorted(set(horizons)):
             raise SleepbotError(f"horizons must be increasing positive integers, got {list(horizons)}")
         self.context = int(context)
+        self.min_context = min_context
         self.horizons = horizons
         self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
         if default_horizon is None:
@@ -109,12 +116,16 @@ class Forecaster(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Constructor keyword arguments that rebuild this forecaster (stored in checkpoints)."""
-        return {
+        out = {
             "context": self.context,
             "horizons": list(self.horizons),
             "snapshot_every": self.snapshot_every,
             "default_horizon": self.default_horizon,
         }
+        # Only when it differs: older checkpoints have no such key, and their config stays as it was.
+        if self.min_context != self.context:
+            out["min_context"] = self.min_context
+        return out
 
     # ----------------------------------------------------------------------------------------- to implement
     def displacement(
@@ -136,16 +147,17 @@ class Forecaster(nn.Module):
 
     # ------------------------------------------------------------------------------------------- interface
     def check_history(self, history: torch.Tensor) -> torch.Tensor:
-        """The last `context` snapshots of a valid history as float32 [context, N, F], or a one-line error."""
+        """The last `context` snapshots (all of them when fewer, at least `min_context`) of a valid history as
+        float32 [C, N, F], or a one-line error."""
         if not isinstance(history, torch.Tensor) or history.dim() != 3:
             shape = tuple(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__
             raise SleepbotError(
                 f"history must be a tensor [C, N, F] (snapshots, neurons, weights), got {shape}"
             )
-        if history.shape[0] < self.context:
+        if history.shape[0] < self.min_context:
             raise SleepbotError(
                 f"history has {history.shape[0]} snapshots; the {self.name} forecaster needs at least "
-                f"{self.context} (its context)"
+                f"{self.min_context} (its {'min_' if self.min_context != self.context else ''}context)"
             )
         if history.shape[1] == 0 or history.shape[2] == 0:
             raise SleepbotError(f"history {tuple(history.shape)} holds no weights")
@@ -167,8 +179,8 @@ class Forecaster(nn.Module):
         """The predicted weights [N, F] `horizon` snapshots after the last snapshot of `history`.
 
         Args:
-            history: [C, N, F] the last C snapshots of ONE layer's neurons, oldest first; C >= context (the last
-                `context` are used).
+            history: [C, N, F] the last C snapshots of ONE layer's neurons, oldest first; C >= min_context (the
+                last `context` are used).
             horizon: snapshots ahead (positive). Persistence and linear extrapolation take any horizon. The learned
                 forecasters predict their trained horizons and interpolate the displacement linearly between
                 them (and between 0 and the smallest); a horizon beyond the largest trained one is a
@@ -191,7 +203,8 @@ class Forecaster(nn.Module):
         return history[-1] + disp
 
     def extra_repr(self) -> str:
-        return f"context={self.context}, horizons={self.horizons}, snapshot_every={self.snapshot_every}"
+        ctx = self.context if self.min_context == self.context else f"{self.min_context}..{self.context}"
+        return f"context={ctx}, horizons={self.horizons}, snapshot_every={self.snapshot_every}"
 
 
 class LearnedForecaster(Forecaster):

@@ -9,6 +9,7 @@ pass straight through `trainer_kwargs`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -167,7 +168,9 @@ class ForecasterTrainConfig:
 
     Attributes:
         model: registry name of the forecaster.
-        context: snapshots read.
+        context: snapshots read (at most, when min_context is set).
+        min_context: a forecaster that reads histories of several lengths is trained on each length from this
+            to `context` (None: `context` only).
         horizons: snapshots ahead, trained all at once.
         model_options: extra constructor arguments (hidden, head_hidden, ...).
         baselines: learned baselines trained after it with the same data, split and steps, stored with it.
@@ -193,6 +196,7 @@ class ForecasterTrainConfig:
 
     model: str = "lstm"
     context: int = 5
+    min_context: int | None = None
     horizons: tuple[int, ...] = (5, 10, 20)
     model_options: dict[str, Any] = field(default_factory=dict)
     baselines: tuple[str, ...] = ("mlp",)
@@ -263,6 +267,12 @@ def fit_one(
     """Train one learned forecaster; returns it (on the CPU, eval mode) and its last validation scores."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     config = {"context": cfg.context, "horizons": list(cfg.horizons), "snapshot_every": snapshot_every}
+    # Only a forecaster that reads histories of several lengths gets them (a baseline trained beside it may not).
+    min_context = (
+        cfg.min_context if "min_context" in inspect.signature(FORECASTERS[name]).parameters else None
+    )
+    if min_context is not None:
+        config["min_context"] = min_context
     config.update(options or {})
     module = ForecasterModule(name, config, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = WindowDataset(
@@ -276,6 +286,7 @@ def fit_one(
         progress_dropout=cfg.progress_dropout,
         smooth=cfg.target_smooth,
         seed=cfg.seed,
+        min_context=min_context,
     )
     kwargs = {**default_trainer_kwargs(), **(trainer_kwargs or {})}
     val_loader = None

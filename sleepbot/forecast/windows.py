@@ -255,6 +255,9 @@ class WindowDataset(IterableDataset):
         runs: from `scan_runs`.
         context: snapshots per window.
         horizons: snapshots ahead, increasing.
+        min_context: random mode draws each group's history length uniformly from min_context..context (and its
+            end times from the first snapshot that length allows), so that a forecaster that reads histories of
+            several lengths is trained on each, early end times included (None: always `context`).
         mode: `random` or `all`.
         groups: groups per epoch in `random` mode.
         max_weights: about how many weights (positions x neurons x fan-in) per group.
@@ -283,12 +286,18 @@ class WindowDataset(IterableDataset):
         progress_dropout: float = 0.0,
         smooth: int = 1,
         seed: int = 0,
+        min_context: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("random", "all"):
             raise SleepbotError(f"unknown window mode {mode!r}; valid: random, all")
         self.runs = list(runs)
         self.context = int(context)
+        self.min_context = self.context if min_context is None else int(min_context)
+        if not 2 <= self.min_context <= self.context:
+            raise SleepbotError(
+                f"min_context must be between 2 and context {self.context}, got {min_context}"
+            )
         self.horizons = tuple(int(h) for h in horizons)
         self.mode = mode
         self.groups = int(groups)
@@ -348,16 +357,25 @@ class WindowDataset(IterableDataset):
         """Neurons per group: enough that `positions` end times fill about `max_weights`."""
         return int(min(n_kept, max(1, self.max_weights // (self.positions * fan_in))))
 
-    def _ends(self, run: RunInfo) -> range:
-        """Valid end snapshots: a full context behind, at least the smallest horizon ahead."""
-        return range(self.context - 1, len(run.snapshot_steps) - self.horizons[0])
+    def _ends(self, run: RunInfo, context: int | None = None) -> range:
+        """Valid end snapshots: a full context (`context`, default the dataset's) behind, at least the smallest
+        horizon ahead."""
+        return range((context or self.context) - 1, len(run.snapshot_steps) - self.horizons[0])
 
     def build(
-        self, ri: int, layer: LayerRecord, n0: int, nn: int, ends: np.ndarray, hide: np.ndarray
+        self,
+        ri: int,
+        layer: LayerRecord,
+        n0: int,
+        nn: int,
+        ends: np.ndarray,
+        hide: np.ndarray,
+        context: int | None = None,
     ) -> dict:
-        """One group: run `ri`, neurons [n0, n0+nn) of `layer`, end snapshots `ends`; `hide` masks progress."""
+        """One group: run `ri`, neurons [n0, n0+nn) of `layer`, end snapshots `ends`; `hide` masks progress;
+        `context` snapshots of history (default: the dataset's)."""
         run = self.runs[ri]
-        c, hs = self.context, self.horizons
+        c, hs = context or self.context, self.horizons
         s = len(run.snapshot_steps)
         lo = int(ends.min()) - (c - 1)
         hi = min(s, int(ends.max()) + hs[-1] + 1)
@@ -424,10 +442,13 @@ class WindowDataset(IterableDataset):
             layer = run.layers[rng.integers(len(run.layers))]
             nn = self._block(layer.fan_in, layer.n_kept)
             n0 = int(rng.integers(layer.n_kept - nn + 1))
-            valid = self._ends(run)
+            c = self.context
+            if self.min_context < self.context:
+                c = int(rng.integers(self.min_context, self.context + 1))
+            valid = self._ends(run, c)
             ends = np.sort(rng.integers(valid.start, valid.stop, size=self.positions))
             hide = rng.random(self.positions) < self.progress_dropout
-            yield self.build(ri, layer, n0, nn, ends, hide)
+            yield self.build(ri, layer, n0, nn, ends, hide, c)
 
 
 def collate_groups(groups: list[dict]) -> list[dict]:

@@ -99,7 +99,7 @@ class SleepStrategy(ABC):
 
     def defaults(self) -> dict[str, Any]:
         """Callback settings preferred by this strategy: any of every_n_steps, horizon, snapshot_every, context,
-        check_batches and jump_scales (what the user leaves unset)."""
+        min_context, check_batches, jump_scales and carry_history (what the user leaves unset)."""
         return {}
 
     def validate(self, settings: SleepSettings) -> None:  # noqa: B027 - optional hook
@@ -138,8 +138,10 @@ class SleepSettings:
         stop_step: no sleep at or after this step (None: never stop).
         horizon: snapshots ahead (`horizon * snapshot_every` steps).
         snapshot_every: steps between the snapshots of the ring buffer.
-        context: snapshots handed to the strategy (`history.shape[0]`).
+        context: snapshots handed to the strategy at most (`history.shape[0]` once the buffer is full).
         custom_schedule: True when the user gave a schedule callable (every_n_steps is then unused).
+        min_context: snapshots handed to the strategy at least (None: `context`): a strategy that reads
+            histories of several lengths sleeps before the buffer is full.
     """
 
     every_n_steps: int
@@ -149,6 +151,11 @@ class SleepSettings:
     snapshot_every: int
     context: int
     custom_schedule: bool = False
+    min_context: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_context is None:
+            self.min_context = self.context
 
 
 STRATEGIES: dict[str, type[SleepStrategy]] = {}

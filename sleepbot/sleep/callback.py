@@ -65,9 +65,12 @@ DEFAULTS: dict[str, Any] = {
     "context": 5,
     "check_batches": 0,
     "jump_scales": None,
+    "carry_history": False,
 }
 
 __all__ = ["LossFn", "Sleep", "default_loss"]
+
+HELD_BATCHES = ("recent", "reservoir")
 
 STATE_VERSION = 2
 # Settings a resumed run may change: they only steer what happens from now on. Every other setting shapes the
@@ -85,6 +88,8 @@ RESUMABLE = (
     "seed",
     "buffer_device",
     "jump_scales",
+    "carry_history",
+    "min_context",
 )
 
 
@@ -135,6 +140,8 @@ class Sleep(pl.Callback):
         horizon: how far ahead to jump, in snapshots (default: the strategy's, else 5).
         snapshot_every: steps between ring-buffer snapshots (default: the strategy's, else 10).
         context: snapshots the strategy reads (default: the strategy's, else 5).
+        min_context: snapshots the strategy needs before the first sleep, when it reads histories of several
+            lengths up to `context` (default: the strategy's, else `context`).
         optimizer_state: `keep`, `reset` or `rescale` the moved parameters' optimizer state (optim_state.py).
         check_batches: held training batches on which the loss is compared before and after a jump (0: none;
             default: the strategy's, else 0).
@@ -160,6 +167,13 @@ class Sleep(pl.Callback):
             BatchNorm), is in each event's `probe_forwards` (and `forwards`) and in the run's wall-clock.
             `auto` (the default): the strategy's choice (no built-in strategy probes by default: for `learned`
             the probe measured slower than the unprobed jump, see Learned.defaults), off when check_batches is 0.
+        held_batches: which training batches are held for the check and the probe: `recent` (the last
+            `check_batches`, which the weights have just been trained on, so the held loss favours the weights as
+            they are) or `reservoir` (a uniform sample of every batch seen so far, drawn from `seed`).
+        carry_history: after an accepted jump, keep the ring buffer's snapshots, each translated by the jump
+            (new weights - old, per weight), so the history stays continuous and the next sleep need not wait for
+            `context` new snapshots; False restarts the history at the jump (None: the strategy's choice, else
+            False). A strategy that reads long contexts needs it to sleep more than once per context.
         **options: the strategy's own options when it is given by name (e.g. alpha=0.01 for `noise`).
     """
 
@@ -174,6 +188,7 @@ class Sleep(pl.Callback):
         horizon: int | None = None,
         snapshot_every: int | None = None,
         context: int | None = None,
+        min_context: int | None = None,
         optimizer_state: str = "keep",
         check_batches: int | None = None,
         tolerance: float = 0.0,
@@ -187,6 +202,8 @@ class Sleep(pl.Callback):
         seed: int = 0,
         buffer_device: str | None = None,
         jump_scales: list[float] | str | None = "auto",
+        held_batches: str = "recent",
+        carry_history: bool | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -202,6 +219,13 @@ class Sleep(pl.Callback):
         for key, value in resolved.items():
             if value < 1:
                 raise SleepbotError(f"sleep {key} must be >= 1, got {value}")
+        if min_context is None:  # the strategy's, never more than the context
+            min_context = min(int(preferred.get("min_context") or resolved["context"]), resolved["context"])
+        min_context = int(min_context)
+        if not 1 <= min_context <= resolved["context"]:
+            raise SleepbotError(
+                f"sleep min_context must be between 1 and context ({resolved['context']}), got {min_context}"
+            )
         if check_batches is None:
             check_batches = int(preferred["check_batches"])
         if isinstance(jump_scales, str):
@@ -213,7 +237,11 @@ class Sleep(pl.Callback):
         if check_batches < 0 or not tolerance >= 0:
             raise SleepbotError(f"check_batches and tolerance must be >= 0, got {check_batches}, {tolerance}")
         self.settings = SleepSettings(
-            start_step=int(start_step), stop_step=stop_step, custom_schedule=schedule is not None, **resolved
+            start_step=int(start_step),
+            stop_step=stop_step,
+            custom_schedule=schedule is not None,
+            min_context=min_context,
+            **resolved,
         )
         self.schedule: Callable[[int], bool] = schedule or EveryNSteps(
             resolved["every_n_steps"], int(start_step), stop_step
@@ -239,6 +267,12 @@ class Sleep(pl.Callback):
                 f"unknown sleep buffer_device {buffer_device!r}; valid: None, cpu, cuda, cuda:0, mps, ..."
             ) from None
         self.jump_scales = _check_scales(jump_scales, self.check_batches)
+        if held_batches not in HELD_BATCHES:
+            raise SleepbotError(
+                f"unknown sleep held_batches {held_batches!r}; valid: {', '.join(HELD_BATCHES)}"
+            )
+        self.held_batches = held_batches
+        self.carry_history = bool(preferred["carry_history"] if carry_history is None else carry_history)
         self.events: list[dict[str, Any]] = []
         self._layers: dict[str, torch.nn.Module] = {}
         self._final_step = 0  # the Trainer's max_steps (0: unknown), set at fit start
@@ -249,6 +283,7 @@ class Sleep(pl.Callback):
     def _reset_state(self) -> None:
         self._buffer: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=self.settings.context)
         self._held: deque[Any] = deque(maxlen=max(1, self.check_batches))
+        self._seen = 0  # training batches offered to the held set (the reservoir's draw depends on it)
         self._origin = 0  # the step the snapshot grid counts from: the start or the last accepted jump
         self._jumped = 0  # steps skipped by the accepted jumps so far (horizon * snapshot_every each)
         self._last_step = -1
@@ -289,9 +324,10 @@ class Sleep(pl.Callback):
                 k: getattr(self.settings, k)
                 for k in ("every_n_steps", "start_step", "stop_step", "custom_schedule")
             },
-            **{k: getattr(self.settings, k) for k in ("horizon", "snapshot_every", "context")},
+            **{k: getattr(self.settings, k) for k in ("horizon", "snapshot_every", "context", "min_context")},
             "optimizer_state": self.optimizer_state,
             "check_batches": self.check_batches,
+            "held_batches": self.held_batches,
             "tolerance": self.tolerance,
             "layers": None if self.layer_names is None else list(self.layer_names),
             "after_plateau": bool(self.after_plateau),
@@ -302,6 +338,7 @@ class Sleep(pl.Callback):
             "seed": self.seed,
             "buffer_device": None if self.buffer_device is None else str(self.buffer_device),
             "jump_scales": None if self.jump_scales is None else list(self.jump_scales),
+            "carry_history": self.carry_history,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -316,6 +353,7 @@ class Sleep(pl.Callback):
             "buffer_steps": [s for s, _ in self._buffer],
             "buffer": [{k: v.cpu() for k, v in snap.items()} for _, snap in self._buffer],
             "held": [move_data_to_device(b, "cpu") for b in self._held] if self.check_batches else [],
+            "seen": self._seen,
             "val_history": list(self._val_history),
             "plateau": self._plateau,
             "events": [dict(e) for e in self.events],
@@ -345,6 +383,7 @@ class Sleep(pl.Callback):
             self._buffer.append((int(step), self._to_buffer(dict(snap))))
         for batch in state_dict["held"]:
             self._held.append(batch)
+        self._seen = int(state_dict.get("seen", 0))
         self._val_history = [float(v) for v in state_dict["val_history"]]
         self._plateau = bool(state_dict["plateau"])
         self.events = [dict(e) for e in state_dict["events"]]
@@ -397,9 +436,7 @@ class Sleep(pl.Callback):
         if not self.strategy.moves_weights:
             return
         if self.check_batches:
-            self._held.append(
-                batch if self.buffer_device is None else move_data_to_device(batch, self.buffer_device)
-            )
+            self._hold(batch)
         step = int(trainer.global_step)
         if step == self._last_step:  # gradient accumulation: no optimizer step since the last call
             return
@@ -477,6 +514,24 @@ class Sleep(pl.Callback):
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63))
 
     # ------------------------------------------------------------------------------------- held batches, BN
+    def _hold(self, batch: Any) -> None:
+        """Offer a training batch to the held set (`held_batches`): the newest replaces the oldest (`recent`),
+        or it takes a random slot with probability check_batches / batches seen (`reservoir`: Vitter's algorithm
+        R, each draw seeded from (seed, count), so a resumed run holds the same batches)."""
+        self._seen += 1
+        if self.held_batches == "reservoir" and len(self._held) == self.check_batches:
+            j = int(torch.randint(self._seen, (1,), generator=self._generator(-self._seen)))
+            if j >= self.check_batches:
+                return
+        else:
+            j = None
+        if self.buffer_device is not None:
+            batch = move_data_to_device(batch, self.buffer_device)
+        if j is None:
+            self._held.append(batch)
+        else:
+            self._held[j] = batch
+
     def _held_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, norms: list[nn.Module]) -> float:
         return held_loss(trainer, pl_module, norms, self._held, self.loss_fn)
 
@@ -495,8 +550,8 @@ class Sleep(pl.Callback):
             "rel_jump": 0.0,
             "forwards": 0,  # held-batch forward passes this decision spent (its cost, with the wall-clock)
         }
-        if len(rows) < self.context:
-            out["reason"] = f"history: {len(rows)} of {self.context} snapshots"
+        if len(rows) < self.settings.min_context:
+            out["reason"] = f"history: {len(rows)} of {self.settings.min_context} snapshots"
             return out
         steps = torch.tensor([s for s, _ in rows], dtype=torch.long)
         gen = self._generator(step)
@@ -660,11 +715,8 @@ class Sleep(pl.Callback):
                 {k: _compute_dtype(v) for k, v in new.items()},
                 self.optimizer_state,
             )
-            self._buffer.clear()
-            self._origin = step
             self._jumped += self.horizon * self.snapshot_every
-            if self.context > 1:
-                self._buffer.append((step, self._to_buffer(new)))
+            self._restart_history(step, decision["old"], new)
         event = {
             "step": int(step),
             "strategy": self.strategy.name,
@@ -686,6 +738,26 @@ class Sleep(pl.Callback):
         self.events.append(event)
         self._log(trainer, event)
         return event
+
+    def _restart_history(self, step: int, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+        """The ring buffer after an accepted jump from `old` to `new` (both {layer: [N, F]}) at `step`.
+
+        By default it restarts from the new weights: the trajectory is discontinuous at the jump, so older
+        snapshots would mislead an extrapolation. With `carry_history` every older snapshot is translated by the
+        jump instead, so the history is the path that leads to the new weights with the same steps between
+        snapshots (what the strategy reads is unchanged but for the offset).
+        """
+        kept = [(s, snap) for s, snap in self._buffer if s != step] if self.carry_history else []
+        self._buffer.clear()
+        self._origin = step
+        if kept:
+            delta = {k: _compute_dtype(new[k]) - old[k].to(new[k].device) for k in new}  # [N, F] each
+            for s, snap in kept:
+                self._buffer.append(
+                    (s, {k: (_compute_dtype(v) + delta[k].to(v.device)).to(v.dtype) for k, v in snap.items()})
+                )
+        if self.context > 1:
+            self._buffer.append((step, self._to_buffer(new)))
 
     def _log(self, trainer: pl.Trainer, event: dict[str, Any]) -> None:
         log.info("sleep at step %d: %s (%s)", event["step"], event["reason"], self.strategy.name)

@@ -198,9 +198,14 @@ class Learned(SleepStrategy):
         # held loss right after a jump mostly rises even when the jump pays off a few steps later, so the probe
         # picks 0 (no jump) in 80-90% of sleeps. Pass both settings to probe.
         out = {"context": int(f.context), "horizon": int(horizon)}
+        least = int(getattr(f, "min_context", f.context))
+        if least < f.context:
+            # A forecaster that reads histories of several lengths sleeps once it has its minimum, and keeps the
+            # history across jumps (translated by each), so that later jumps read up to its full context.
+            out.update(min_context=least, carry_history=True)
         if f.snapshot_every is not None:
             out["snapshot_every"] = int(f.snapshot_every)
-            out["every_n_steps"] = int(f.context) * int(f.snapshot_every)
+            out["every_n_steps"] = least * int(f.snapshot_every)
         return out
 
     def validate(self, settings: SleepSettings) -> None:
@@ -208,6 +213,11 @@ class Learned(SleepStrategy):
         if settings.context != int(f.context):
             raise SleepbotError(
                 f"this forecaster reads context={f.context} snapshots; got context={settings.context} (leave it unset)"
+            )
+        least = int(getattr(f, "min_context", f.context))
+        if settings.min_context < least:
+            raise SleepbotError(
+                f"this forecaster needs at least {least} snapshots; got min_context={settings.min_context}"
             )
         if f.snapshot_every is not None and settings.snapshot_every != int(f.snapshot_every):
             raise SleepbotError(
@@ -260,13 +270,21 @@ class Oracle(SleepStrategy):
         run: path to the recorded no-sleep run (`sleepbot collect` or a TrajectoryRecorder).
         mode: `absolute` jumps to the recorded weights; `displacement` adds the recorded run's displacement from
             t to the target step to the current weights (it needs a snapshot at t in the recording).
+        scale: a degraded oracle, to calibrate how good a forecast must be: the jump is `scale` x the true
+            displacement D (per layer, from the weights now) ...
+        noise: ... plus `noise` x the RMS of each neuron's D x N(0, 1) per weight. With scale 1 a forecast this
+            noisy scores R2_disp = 1 - noise^2; with noise 0, R2_disp = 1 - (1 - scale)^2.
     """
 
-    def __init__(self, run: str, mode: str = "absolute") -> None:
+    def __init__(self, run: str, mode: str = "absolute", scale: float = 1.0, noise: float = 0.0) -> None:
         if mode not in ("absolute", "displacement"):
             raise SleepbotError(f"unknown oracle mode {mode!r}; valid: absolute, displacement")
+        if not (scale >= 0 and noise >= 0):
+            raise SleepbotError(f"oracle scale and noise must be >= 0, got {scale}, {noise}")
         self.run = str(run)
         self.mode = mode
+        self.scale = float(scale)
+        self.noise = float(noise)
         self._file: Any = None
         self._steps: list[int] = []
 
@@ -327,6 +345,11 @@ class Oracle(SleepStrategy):
                 )
             present = torch.as_tensor(self._file.weights(ctx.layer, snapshots=[now]))[0]
             out[rows] = cur[rows] + future - present.to(dtype=cur.dtype, device=cur.device)
+        if self.scale != 1.0 or self.noise:
+            d = out - cur  # [N, F]
+            eps = torch.randn(d.shape, generator=ctx.generator, dtype=d.dtype).to(d.device)
+            rms = d.pow(2).mean(1, keepdim=True).sqrt()  # [N, 1]
+            out = cur + self.scale * d + self.noise * rms * eps
         return out
 
 
