@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from sleepbot._version import __version__
 from sleepbot.errors import SleepbotError
@@ -388,6 +389,13 @@ def _add_train_forecaster(p: argparse.ArgumentParser) -> None:
         help="train on the mean of the last K snapshots up to each horizon (default 1: the snapshot itself)",
     )
     p.add_argument(
+        "--objective",
+        default="r2",
+        choices=["r2", "loss"],
+        help="r2: the weights' displacement (default); loss: the base network's training loss where the jump "
+        "lands (replays each corpus run's network and data)",
+    )
+    p.add_argument(
         "--holdout",
         action="append",
         default=[],
@@ -447,6 +455,7 @@ def _run_train_forecaster(args: argparse.Namespace) -> int:
         max_weights=args.max_weights,
         num_workers=args.num_workers,
         target_smooth=args.target_smooth,
+        objective=args.objective,
         holdout=holdout or None,
         seed=args.seed,
         split_seed=args.split_seed,
@@ -457,6 +466,14 @@ def _run_train_forecaster(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{k} {len(v)}" for k, v in result.split.items())
     print(f"runs: {len(result.runs)} ({sizes}; split by run, recorded in the checkpoint)")
     for name, scores in result.val_scores.items():
+        if args.objective == "loss" and name == args.kind:
+            print(
+                f"{name}: trained in {result.seconds[name]:.0f}s; validation log(L(jump) / L(now)) "
+                f"{scores.get('val_loss', float('nan')):.3f} (the jump lowered the loss in "
+                f"{scores.get('val_improved', float('nan')):.0%} of samples; the true future: "
+                f"{scores.get('val_oracle', float('nan')):.3f})"
+            )
+            continue
         r2 = "  ".join(
             f"h{k.rsplit('h', 1)[1]} {v:.3f}" for k, v in scores.items() if k.startswith("val_r2_")
         )
@@ -486,6 +503,12 @@ def _add_evaluate_forecaster(p: argparse.ArgumentParser) -> None:
         help="score against the mean of the last K snapshots up to each horizon (default 1: the point target)",
     )
     p.add_argument("--compare", action="append", default=[], help="another checkpoint to score alongside")
+    p.add_argument(
+        "--jumps",
+        action="store_true",
+        help="score each forecaster's jump by the training loss where it lands (replays each run's network "
+        "and data), per dataset, arch and optimizer, instead of R2_disp",
+    )
     p.add_argument(
         "--no-progress", action="store_true", help="do not tell the forecasters the training progress"
     )
@@ -522,6 +545,8 @@ def _run_evaluate_forecaster(args: argparse.Namespace) -> int:
     print(
         f"scoring {len(chosen)} of {len(runs)} runs (split {args.split}); forecaster {args.forecaster or 'shipped'}"
     )
+    if args.jumps:
+        return _print_jump_scores(models, chosen, args)
     kw = {"stride": args.stride, "use_progress": not args.no_progress, "smooth": args.smooth}
     result = evaluate(models, chosen, **kw)
     print(format_table(result, markdown=args.markdown))
@@ -539,6 +564,34 @@ def _run_evaluate_forecaster(args: argparse.Namespace) -> int:
 
         plot_forecast(chosen[0].path, args.plot, forecaster=model)
         print(f"wrote {args.plot} (forecast vs actual, {Path(chosen[0].path).stem})")
+    return 0
+
+
+def _print_jump_scores(models: dict[str, Any], runs: list[Any], args: argparse.Namespace) -> int:
+    """`evaluate-forecaster --jumps`: mean log(L(jump) / L(now)) per forecaster and per run attribute."""
+    from sleepbot.forecast.evaluate import write_json
+    from sleepbot.forecast.jumploss import evaluate_jumps
+
+    learned = {k: m for k, m in models.items() if getattr(m, "learned", False)}
+    horizon = max(max(m.horizons) for m in learned.values())
+    out = {
+        k: evaluate_jumps(m, runs, stride=max(args.stride, 1), horizon=horizon) for k, m in learned.items()
+    }
+    print(
+        "mean log(L(w + jump) / L(w)) on the runs' training data (negative: the jump lowers the loss); "
+        f"share of jumps that lower it; the true future {horizon} snapshots on, for scale"
+    )
+    for name, res in out.items():
+        print(
+            f"{name}: {res['log_ratio']:.3f} ({res['improved']:.0%} lower; true future "
+            f"{res['oracle_log_ratio']:.3f}; {res['samples']} jumps of {res['runs']} runs, {res['skipped']} left out)"
+        )
+        for key, values in res["by"].items():
+            cells = ", ".join(f"{v} {r['log_ratio']:.3f} ({r['improved']:.0%})" for v, r in values.items())
+            print(f"  by {key}: {cells}")
+    if args.json:
+        write_json(out, args.json, overwrite=args.overwrite)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from sleepbot.errors import SleepbotError, unknown_name
 from sleepbot.forecast.base import FORECASTERS, Forecaster, build_forecaster, neuron_scale
+from sleepbot.forecast.jumploss import JumpDataset, RunModel, jump_log_ratio
 from sleepbot.forecast.windows import (
     RunInfo,
     WindowDataset,
@@ -41,6 +42,9 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda r: "litlogger" not in r.getMessage()
 )
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+OBJECTIVES = ("r2", "loss")
 
 
 def group_errors(model: Forecaster, group: dict) -> dict[str, torch.Tensor]:
@@ -78,28 +82,46 @@ def group_errors(model: Forecaster, group: dict) -> dict[str, torch.Tensor]:
 
 
 class ForecasterModule(pl.LightningModule):
-    """Trains a registered forecaster on groups of windows (see `windows.WindowDataset`).
+    """Trains a registered forecaster on one of two objectives.
 
+    `r2` (default): groups of windows (see `windows.WindowDataset`), the unexplained displacement of each group.
     Logs `train_loss` every step; at each validation `val_loss` and `val_r2_h<h>` (explained displacement on the
     validation runs, per horizon).
+
+    `loss`: (run, time) samples (see `jumploss.JumpDataset`), log(L(w + jump) / L(w)), the base network's
+    training loss where the jump of the last trained horizon lands relative to where it is. The caller sets
+    `run_models` ({"train": [...], "val": [...]}, a `jumploss.RunModel` per run of each dataset). Logs
+    `train_loss`; at each validation `val_loss` (the mean log ratio), `val_improved` (the share of samples where
+    the jump lowered the loss) and `val_oracle` (the mean log ratio of jumping to the run's own weights
+    `horizon` snapshots later, where it has them: the true future's gain, for scale).
 
     Args:
         name: registry name of the forecaster.
         config: its constructor keyword arguments (context, horizons, ...).
         lr: AdamW learning rate, decayed to 0 along a cosine over the Trainer's max_steps.
         weight_decay: AdamW weight decay.
+        objective: `r2` or `loss`.
     """
 
     def __init__(
-        self, name: str = "lstm", config: dict | None = None, lr: float = 3e-3, weight_decay: float = 0.0
+        self,
+        name: str = "lstm",
+        config: dict | None = None,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        objective: str = "r2",
     ):
         super().__init__()
         self.save_hyperparameters()
+        if objective not in OBJECTIVES:
+            raise SleepbotError(f"unknown forecaster objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+        self.objective = objective
         self.model = build_forecaster(name, **(config or {}))
         if not self.model.learned:
             raise SleepbotError(f"the {name} forecaster has nothing to train")
         self.val_scores: dict[str, float] = {}
         self._val: torch.Tensor | None = None
+        self.run_models: dict[str, list[Any]] = {}
 
     def forward(self, history: torch.Tensor, kind: str, progress: torch.Tensor | None) -> torch.Tensor:
         return self.model(history, kind, progress)
@@ -109,16 +131,40 @@ class ForecasterModule(pl.LightningModule):
         return {k: torch.stack([p[k] for p in parts]).sum(0) for k in parts[0]}
 
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
-        e = self._batch_errors(batch)
-        loss = e["loss_sum"] / e["count"].clamp_min(1)
+        if self.objective == "loss":
+            models = self.run_models["train"]
+            terms = [jump_log_ratio(self.model, models[s["run"]], s)[0] for s in batch]
+            # A run that diverged (weights of 1e16: the loss overflows) or a wild jump scores NaN or Inf; it
+            # says nothing about where to jump and would poison every parameter, so it is left out.
+            finite = [t for t in terms if torch.isfinite(t)]
+            if not finite:
+                return None  # Lightning skips the step
+            loss = torch.stack(finite).mean()
+        else:
+            e = self._batch_errors(batch)
+            loss = e["loss_sum"] / e["count"].clamp_min(1)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        n_h = len(self.model.horizons)
-        self._val = torch.zeros(2 + 2 * n_h, dtype=torch.float64, device=self.device)
+        n = 5 if self.objective == "loss" else 2 + 2 * len(self.model.horizons)
+        self._val = torch.zeros(n, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        if self.objective == "loss":
+            models = self.run_models["val"]
+            for s in batch:
+                ratio, base = jump_log_ratio(self.model, models[s["run"]], s)
+                if not (torch.isfinite(ratio) and torch.isfinite(base)):
+                    continue
+                oracle = [0.0, 0.0]
+                if s["future"] is not None:
+                    with torch.no_grad():
+                        oracle = [float(models[s["run"]].loss(s["future"], s["examples"]).log() - base), 1.0]
+                self._val += torch.tensor(
+                    [float(ratio), 1.0, float(ratio < 0), *oracle], dtype=torch.float64, device=self.device
+                )
+            return
         e = self._batch_errors(batch)
         self._val += torch.cat(
             [e["loss_sum"][None].double(), e["count"][None].double(), e["sse"].double(), e["sst"].double()]
@@ -127,9 +173,12 @@ class ForecasterModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.all_gather(self._val)
         sums = sums.reshape(-1, sums.shape[-1]).sum(0) if sums.ndim > 1 else sums
-        n_h = len(self.model.horizons)
         scores = {"val_loss": float(sums[0] / sums[1].clamp_min(1))}
-        for j, h in enumerate(self.model.horizons):
+        if self.objective == "loss":
+            scores["val_improved"] = float(sums[2] / sums[1].clamp_min(1))
+            scores["val_oracle"] = float(sums[3] / sums[4]) if sums[4] > 0 else float("nan")
+        n_h = len(self.model.horizons)
+        for j, h in enumerate(self.model.horizons if self.objective == "r2" else ()):
             sse, sst = sums[2 + j], sums[2 + n_h + j]
             scores[f"val_r2_h{h}"] = float(1 - sse / sst) if sst > 0 else float("nan")
         for k, v in scores.items():
@@ -140,7 +189,7 @@ class ForecasterModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         loader = self.trainer.train_dataloader
         ds = getattr(loader, "dataset", None)
-        if isinstance(ds, WindowDataset):
+        if isinstance(ds, (WindowDataset, JumpDataset)):
             ds.set_epoch(self.current_epoch)
 
     def configure_optimizers(self):
@@ -186,6 +235,10 @@ class ForecasterTrainConfig:
         val_fraction, test_fraction: of each (dataset, arch, optimizer) group of runs.
         holdout: runs whose attributes match go to test only (e.g. {'arch': 'mlp'}).
         val_stride: spacing of end snapshots in validation.
+        objective: `r2` (the unexplained displacement of windows of weights) or `loss` (the base network's
+            training loss where the jump lands, log(L(w + jump) / L(w)); see `jumploss`). With `loss`,
+            groups_per_step and groups_per_epoch count (run, time) samples.
+        jump_examples: training examples of the base network that score each sample of the `loss` objective.
         split_seed: seed of the run split; seed: of the model init and window sampling.
         num_workers: DataLoader workers (each opens the HDF5 files itself). Part of the numbers: each worker draws
             its own share of the windows, so another count trains on other windows in another order.
@@ -212,6 +265,8 @@ class ForecasterTrainConfig:
     test_fraction: float = 0.15
     holdout: dict[str, Any] | None = None
     val_stride: int = 5
+    objective: str = "r2"
+    jump_examples: int = 256
     split_seed: int = 0
     seed: int = 0
     num_workers: int = 0
@@ -255,6 +310,48 @@ def _loader(ds: WindowDataset, cfg: ForecasterTrainConfig) -> DataLoader:
     )
 
 
+def _jump_datasets(
+    module: ForecasterModule,
+    cfg: ForecasterTrainConfig,
+    train_runs: Sequence[RunInfo],
+    val_runs: Sequence[RunInfo],
+    min_context: int,
+) -> tuple[JumpDataset, JumpDataset | None]:
+    """The `loss` objective's samples, and each run's network and data on the module (runs with BatchNorm, whose
+    statistics at jumped weights are unknown, are left out with a warning)."""
+    cache: dict[str, Any] = {}
+    out = []
+    for split, runs in (("train", train_runs), ("val", val_runs)):
+        kept, models = [], []
+        for r in runs:
+            try:
+                models.append(RunModel(r, cache))
+                kept.append(r)
+            except SleepbotError as e:
+                warnings.warn(f"left out of the loss objective: {e}", stacklevel=2)
+        if not kept:
+            out.append(None)
+            continue
+        mode = "random" if split == "train" else "all"
+        ds = JumpDataset(
+            kept,
+            cfg.context,
+            min_context,
+            mode=mode,
+            samples=cfg.groups_per_epoch,
+            examples=cfg.jump_examples,
+            stride=cfg.val_stride,
+            horizon=max(cfg.horizons),
+            seed=cfg.seed,
+        )
+        ds.train_sizes = {i: len(m.y) for i, m in enumerate(models)}
+        module.run_models[split] = models
+        out.append(ds)
+    if out[0] is None:
+        raise SleepbotError("no training run can be replayed for the loss objective")
+    return out[0], out[1]
+
+
 def fit_one(
     name: str,
     cfg: ForecasterTrainConfig,
@@ -274,32 +371,40 @@ def fit_one(
     if min_context is not None:
         config["min_context"] = min_context
     config.update(options or {})
-    module = ForecasterModule(name, config, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train = WindowDataset(
-        train_runs,
-        cfg.context,
-        cfg.horizons,
-        mode="random",
-        groups=cfg.groups_per_epoch,
-        max_weights=cfg.max_weights,
-        positions=cfg.positions,
-        progress_dropout=cfg.progress_dropout,
-        smooth=cfg.target_smooth,
-        seed=cfg.seed,
-        min_context=min_context,
-    )
+    module = ForecasterModule(name, config, lr=cfg.lr, weight_decay=cfg.weight_decay, objective=cfg.objective)
     kwargs = {**default_trainer_kwargs(), **(trainer_kwargs or {})}
-    val_loader = None
-    if val_runs:
-        val = WindowDataset(
-            val_runs,
+    if cfg.objective == "loss":
+        train, val = _jump_datasets(module, cfg, train_runs, val_runs, min_context or cfg.context)
+        kwargs.setdefault("gradient_clip_val", 1.0)  # a wild early jump can make the base loss huge
+    else:
+        train = WindowDataset(
+            train_runs,
             cfg.context,
             cfg.horizons,
-            mode="all",
-            max_weights=cfg.max_weights * 4,
-            stride=cfg.val_stride,
+            mode="random",
+            groups=cfg.groups_per_epoch,
+            max_weights=cfg.max_weights,
+            positions=cfg.positions,
+            progress_dropout=cfg.progress_dropout,
             smooth=cfg.target_smooth,
+            seed=cfg.seed,
+            min_context=min_context,
         )
+        val = (
+            WindowDataset(
+                val_runs,
+                cfg.context,
+                cfg.horizons,
+                mode="all",
+                max_weights=cfg.max_weights * 4,
+                stride=cfg.val_stride,
+                smooth=cfg.target_smooth,
+            )
+            if val_runs
+            else None
+        )
+    val_loader = None
+    if val is not None:
         val_loader = _loader(val, cfg)
     else:
         kwargs["limit_val_batches"] = 0
@@ -352,12 +457,13 @@ def train_forecaster(
     if out is not None and Path(out).exists() and not overwrite:
         raise SleepbotError(f"{str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
     paths = resolve_paths(data)
-    runs = scan_runs(paths, min_snapshots=cfg.context + cfg.horizons[0])
+    # A window needs its context and a future; a jump scored by the loss only the history it reads.
+    need, why = cfg.context + cfg.horizons[0], f"context {cfg.context} + horizon {cfg.horizons[0]}"
+    if cfg.objective == "loss":
+        need, why = cfg.min_context or cfg.context, "the least history a jump reads"
+    runs = scan_runs(paths, min_snapshots=need)
     if not runs:
-        raise SleepbotError(
-            f"none of the {len(paths)} run files has {cfg.context + cfg.horizons[0]} regular snapshots "
-            f"(context {cfg.context} + horizon {cfg.horizons[0]})"
-        )
+        raise SleepbotError(f"none of the {len(paths)} run files has {need} regular snapshots ({why})")
     split = split_runs(runs, (cfg.val_fraction, cfg.test_fraction), cfg.split_seed, cfg.holdout)
     by_id = {r.run_id: r for r in runs}
     train_runs = [by_id[i] for i in split["train"]]
