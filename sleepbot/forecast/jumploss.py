@@ -202,6 +202,26 @@ class JumpDataset(IterableDataset):
             yield self.sample(ri, t, c, rng)
 
 
+def replay_dataset(
+    runs: Sequence[RunInfo], context: int, min_context: int, **options: Any
+) -> tuple[JumpDataset | None, list[RunModel], list[str]]:
+    """A JumpDataset over the runs that can be replayed, their RunModels (in the dataset's run order), and a
+    one-line reason for each run left out (BatchNorm, no config). `options` go to JumpDataset."""
+    cache: dict[str, Any] = {}
+    kept, models, left_out = [], [], []
+    for r in runs:
+        try:
+            models.append(RunModel(r, cache))
+            kept.append(r)
+        except SleepbotError as e:
+            left_out.append(str(e))
+    if not kept:
+        return None, [], left_out
+    ds = JumpDataset(kept, context, min_context, **options)
+    ds.train_sizes = {i: len(m.y) for i, m in enumerate(models)}
+    return ds, models, left_out
+
+
 def jump_log_ratio(
     forecaster: torch.nn.Module, run_model: RunModel, sample: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,20 +258,12 @@ def evaluate_jumps(
     """
     context = int(context or forecaster.context)
     min_context = int(min_context or getattr(forecaster, "min_context", context))
-    cache: dict[str, Any] = {}
-    kept, models, skipped = [], [], 0
-    for r in runs:
-        try:
-            models.append(RunModel(r, cache))
-            kept.append(r)
-        except SleepbotError:
-            skipped += 1
-    if not kept:
-        raise SleepbotError("none of the runs can be replayed to score jumps (BatchNorm, or no config)")
-    ds = JumpDataset(
-        kept, context, min_context, mode="all", stride=stride, examples=examples, horizon=horizon, seed=seed
+    ds, models, left_out = replay_dataset(
+        runs, context, min_context, mode="all", stride=stride, examples=examples, horizon=horizon, seed=seed
     )
-    ds.train_sizes = {i: len(m.y) for i, m in enumerate(models)}
+    if ds is None:
+        raise SleepbotError("none of the runs can be replayed to score jumps (BatchNorm, or no config)")
+    kept, skipped = ds.runs, len(left_out)
     rows = []
     with torch.no_grad():
         for s in ds:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from sleepbot.errors import SleepbotError, unknown_name
 from sleepbot.forecast.base import FORECASTERS, Forecaster, build_forecaster, neuron_scale
-from sleepbot.forecast.jumploss import JumpDataset, RunModel, jump_log_ratio
+from sleepbot.forecast.jumploss import JumpDataset, jump_log_ratio, replay_dataset
 from sleepbot.forecast.windows import (
     RunInfo,
     WindowDataset,
@@ -319,32 +319,21 @@ def _jump_datasets(
 ) -> tuple[JumpDataset, JumpDataset | None]:
     """The `loss` objective's samples, and each run's network and data on the module (runs with BatchNorm, whose
     statistics at jumped weights are unknown, are left out with a warning)."""
-    cache: dict[str, Any] = {}
     out = []
     for split, runs in (("train", train_runs), ("val", val_runs)):
-        kept, models = [], []
-        for r in runs:
-            try:
-                models.append(RunModel(r, cache))
-                kept.append(r)
-            except SleepbotError as e:
-                warnings.warn(f"left out of the loss objective: {e}", stacklevel=2)
-        if not kept:
-            out.append(None)
-            continue
-        mode = "random" if split == "train" else "all"
-        ds = JumpDataset(
-            kept,
+        ds, models, left_out = replay_dataset(
+            runs,
             cfg.context,
             min_context,
-            mode=mode,
+            mode="random" if split == "train" else "all",
             samples=cfg.groups_per_epoch,
             examples=cfg.jump_examples,
             stride=cfg.val_stride,
             horizon=max(cfg.horizons),
             seed=cfg.seed,
         )
-        ds.train_sizes = {i: len(m.y) for i, m in enumerate(models)}
+        for reason in left_out:
+            warnings.warn(f"left out of the loss objective: {reason}", stacklevel=2)
         module.run_models[split] = models
         out.append(ds)
     if out[0] is None:
