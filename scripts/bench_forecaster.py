@@ -131,7 +131,8 @@ def main() -> None:
     layers = model_layers(args.weights)
     histories = {}
     for i, (name, kind, n, f) in enumerate(layers):
-        hist = torch.from_numpy(synthetic_trajectory(5, n, f, tau=20.0, noise=0.3, seed=i))
+        # 20 snapshots: the longest context of any forecaster (multiscale); each reads its own last `context`
+        hist = torch.from_numpy(synthetic_trajectory(20, n, f, tau=20.0, noise=0.3, seed=i))
         histories[name] = (kind, hist)
     n_weights = sum(n * f for _, _, n, f in layers)
     try:

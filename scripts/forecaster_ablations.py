@@ -2,14 +2,22 @@
 
     python scripts/forecaster_ablations.py --data trajectories/meta --out reports/ablations \
         [--main sleepbot/assets/forecaster.pt] [--steps 2000] [--workers 2] [--only main point_target ...]
+    python scripts/forecaster_ablations.py --family multiscale --out reports/ablations_multiscale   # ms_* variants
 
-Every variant is the shipped recipe (scripts/train_default_forecaster.sh: lstm, context 5, horizons 5/10/20, targets
-smoothed over 5 snapshots, 2,000 steps, split seed 0) with ONE change, trained on the same training runs and scored
-on the same held-out test runs (the split is by run, per dataset, arch and optimizer). Leave-one-out variants train
-without every run of one optimizer, architecture or dataset and are scored on exactly those runs. Scores: R2_disp
-per horizon, pooled over every layer, against the point future w(t+h) and against the smoothed one (the mean of
-the 5 snapshots up to t+h). Checkpoints are kept in --out (a rerun skips finished ones); the table is printed and
-written to --out/ablations.json and --out/ablations.md.
+Every variant is a base recipe with ONE change, trained on the same training runs and scored on the same held-out
+test runs (the split is by run, per dataset, arch and optimizer). Two families:
+
+- `lstm` (the default): the shipped recipe (scripts/train_default_forecaster.sh: lstm, context 5, horizons
+  5/10/20, targets smoothed over 5 snapshots, 2,000 steps, split seed 0); scored on windows ending from the 5th
+  snapshot on.
+- `multiscale` (`ms_*`): the multiscale forecaster of the README's "Long histories" (context 20, trained on every
+  length from 5, same targets and steps); every variant, the 5-snapshot ones included, is scored on the same
+  windows, ending from the 20th snapshot on (`--eval-context`; the lstm family's default is each variant's own).
+
+Leave-one-out variants train without every run of one optimizer, architecture or dataset and are scored on exactly
+those runs. Scores: R2_disp per horizon, pooled over every layer, against the point future w(t+h) and against the
+smoothed one (the mean of the 5 snapshots up to t+h). Checkpoints are kept in --out (a rerun skips finished ones);
+the table is printed and written to --out/ablations.json and --out/ablations.md.
 """
 
 from __future__ import annotations
@@ -57,6 +65,47 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, list[str]] | None]] = {
     "loo_small_cnn": ("trained without small_cnn; scored on it", {}, {"arch": ["small_cnn"]}),
 }
 
+# The multiscale family: README "Long histories" (sleepbot train-forecaster --kind multiscale --context 20
+# --min-context 5 --baselines '' --max-steps 2000 --target-smooth 5).
+MS = {"model": "multiscale", "context": 20, "min_context": 5}
+MS_VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, list[str]] | None]] = {
+    "ms_main": ("multiscale: 5-20 snapshots, LSTM mix, smoothed targets", {}, None),
+    "ms_context_10": ("reads 5-10 snapshots (90 steps) instead of 5-20 (190)", {"context": 10}, None),
+    "ms_context_5": ("reads 5 snapshots (40 steps), the shipped forecaster's context", {"context": 5}, None),
+    "ms_point_target": ("trained on the point future (no smoothing)", {"target_smooth": 1}, None),
+    "ms_no_recurrence": (
+        "an MLP over the mean step features instead of the LSTM",
+        {"model_options": {"mixer": "mlp"}},
+        None,
+    ),
+    "ms_global_mix": (
+        "one global mix of the trends (no neuron state: a linear forecaster fitted on the corpus)",
+        {"model_options": {"mixer": "none"}},
+        None,
+    ),
+    "ms_layer_context": (
+        "also reads the layer's mean neuron state",
+        {"model_options": {"layer_context": True}},
+        None,
+    ),
+    "ms_weight_head": (
+        "adds a per-weight MLP correction (32 hidden) over the trends",
+        {"model_options": {"head_hidden": 32}},
+        None,
+    ),
+    "ms_loo_mnist1d": ("trained without MNIST-1D; scored on MNIST-1D", {}, {"dataset": ["mnist1d"]}),
+    "ms_loo_momentum": ("trained without SGD+momentum; scored on it", {}, {"optimizer": ["momentum"]}),
+    "ms_adam_family": (
+        "trained on the Adam, AdamW and Adam+cosine runs only; scored on the other optimizers",
+        {},
+        {"optimizer": ["sgd", "momentum", "schedulefree_adamw"]},
+    ),
+    "ms_loo_small_cnn": ("trained without small_cnn; scored on it", {}, {"arch": ["small_cnn"]}),
+}
+for _name, (_change, _over, _hold) in MS_VARIANTS.items():
+    VARIANTS[_name] = (_change, {**MS, **_over}, _hold)
+FAMILIES = {"lstm": [n for n in VARIANTS if not n.startswith("ms_")], "multiscale": list(MS_VARIANTS)}
+
 
 def train_variant(name: str, data: str, out: str, steps: int) -> dict[str, Any]:
     """Worker task: train one variant into out/<name>.pt (skipped when present)."""
@@ -74,7 +123,7 @@ def train_variant(name: str, data: str, out: str, steps: int) -> dict[str, Any]:
     return {"name": name, "seconds": time.time() - t0}
 
 
-def score_variant(name: str, data: str, out: str, stride: int) -> dict[str, Any]:
+def score_variant(name: str, data: str, out: str, stride: int, context: int | None) -> dict[str, Any]:
     """R2_disp of one variant on its held-out runs, point and smoothed targets."""
     from sleepbot.forecast import checkpoint_meta, load_forecaster
     from sleepbot.forecast.evaluate import evaluate, score
@@ -90,7 +139,7 @@ def score_variant(name: str, data: str, out: str, stride: int) -> dict[str, Any]
         runs = [r for r in runs if all(str(r.attrs.get(k)) in v for k, v in holdout.items())]
     row: dict[str, Any] = {"variant": name, "change": VARIANTS[name][0], "runs": len(runs)}
     for smooth in (1, 5):
-        res = evaluate({name: model}, runs, HORIZONS, stride=stride, smooth=smooth)
+        res = evaluate({name: model}, runs, HORIZONS, stride=stride, smooth=smooth, context=context)
         for h in HORIZONS:
             row[f"r2_h{h}" + ("_smooth" if smooth > 1 else "")] = score(res, name, h)
     row["train_seconds"] = meta.get("seconds", {}).get(model.name)
@@ -100,13 +149,24 @@ def score_variant(name: str, data: str, out: str, stride: int) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="trajectories/meta")
+    p.add_argument(
+        "--family", choices=sorted(FAMILIES), default="lstm", help="which variants (default: lstm)"
+    )
     p.add_argument("--out", default="reports/ablations")
     p.add_argument(
-        "--main", default=None, help="a checkpoint of the shipped recipe to use as `main` (no retrain)"
+        "--main",
+        default=None,
+        help="a checkpoint of the family's base recipe to use as `main`/`ms_main` (no retrain)",
     )
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--stride", type=int, default=2, help="spacing of scored window end snapshots")
+    p.add_argument(
+        "--eval-context",
+        type=int,
+        default=None,
+        help="snapshots behind every scored window (default: lstm each variant's own, multiscale 20)",
+    )
     p.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS))
     args = p.parse_args(argv)
 
@@ -114,9 +174,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(VARIANTS)
-    if args.main and "main" in names and not (out / "main.pt").exists():
-        shutil.copyfile(args.main, out / "main.pt")
+    names = args.only or FAMILIES[args.family]
+    main_name = "ms_main" if args.family == "multiscale" else "main"
+    if args.main and main_name in names and not (out / f"{main_name}.pt").exists():
+        shutil.copyfile(args.main, out / f"{main_name}.pt")
+    # lstm: each variant on the windows of its own context (as docs/forecaster_ablations.md was made);
+    # multiscale: every variant on the windows of the longest (20 snapshots behind), so that all are comparable
+    eval_context = args.eval_context or (MS["context"] if args.family == "multiscale" else None)
     tasks = [{"name": n, "data": args.data, "out": str(out), "steps": args.steps} for n in names]
     for ok, res in run_parallel(train_variant, tasks, args.workers, desc="train", progress=False):
         if not ok:
@@ -127,7 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         res
         for ok, res in run_parallel(
             score_variant,
-            [{"name": n, "data": args.data, "out": str(out), "stride": args.stride} for n in names],
+            [
+                {
+                    "name": n,
+                    "data": args.data,
+                    "out": str(out),
+                    "stride": args.stride,
+                    "context": eval_context,
+                }
+                for n in names
+            ],
             args.workers,
             desc="score",
             progress=False,

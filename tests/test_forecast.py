@@ -71,6 +71,17 @@ def test_predict_shapes_and_context(variant):
         model.predict(hist[0], 2)
 
 
+def test_check_history_tells_infinite_weights_from_a_sum_that_overflows():
+    model = build_forecaster("linear")
+    huge = torch.full((5, 3, 4), 3e38)  # finite weights whose sum overflows float32
+    assert torch.equal(model.check_history(huge), huge)
+    for bad in (float("inf"), -float("inf")):
+        hist = _history()
+        hist[2, 1, 3] = bad
+        with pytest.raises(SleepbotError, match="NaN or infinite"):
+            model.check_history(hist)
+
+
 def test_persistence_and_linear_are_exact():
     hist = _history(c=5, tau=float("inf"), noise=0.0)  # straight lines
     lin = build_forecaster("linear")
@@ -91,6 +102,26 @@ def test_learned_horizons_interpolate_and_refuse_beyond():
     torch.testing.assert_close(model.predict(hist, 1) - last, 0.5 * d2, rtol=1e-4, atol=1e-5)
     with pytest.raises(SleepbotError, match="beyond the largest horizon"):
         model.predict(hist, 7)
+
+
+@pytest.mark.parametrize("variant", [v for v, (n, _) in sorted(VARIANTS.items()) if FORECASTERS[n].learned])
+def test_forward_at_gives_the_rows_of_forward(variant):
+    """A jump computes only the trained horizons it needs (`forward_at`): the same numbers as the full forward's
+    rows, bit for bit, and interpolated horizons built from them."""
+    name, options = VARIANTS[variant]
+    torch.manual_seed(1)
+    model = build_forecaster(name, context=6, horizons=(2, 4, 8), **options)
+    with torch.no_grad():
+        for p in model.parameters():  # away from the init, where some forecasters' outputs are trivial
+            p.add_(0.1 * torch.randn_like(p))
+        hist = model.check_history(_history(c=6, n=40, f=9))
+        full = model(hist, "conv2d", None)
+        for index in ([0], [2], [1, 2], [0, 1, 2]):
+            assert torch.equal(model.forward_at(hist, "conv2d", None, index), full[index])
+        d = model.displacement(hist, [3, 8, 1], "conv2d", None)
+    assert torch.equal(d[1], full[2])
+    torch.testing.assert_close(d[0], 0.5 * (full[0] + full[1]))
+    torch.testing.assert_close(d[2], 0.5 * full[0])
 
 
 @pytest.mark.parametrize("name", ["lstm", "mlp"])
@@ -174,6 +205,30 @@ def test_lstm_learns_to_damp_a_saturating_trajectory(tmp_path):
     for h in (5, 10):
         assert score(result, "lstm", h) > score(result, "linear", h) + 0.05
         assert score(result, "lstm", h) > 0.8
+
+
+def test_evaluate_context_scores_on_the_windows_of_a_longer_reader(tmp_path):
+    """`context` sets the windows, not what a model reads: a 4-snapshot linear fit scored on the windows of a
+    10-snapshot reader sees exactly the windows it sees when evaluated beside one; shorter than a model's is an
+    error."""
+    from sleepbot.forecast.evaluate import evaluate, score
+    from sleepbot.forecast.windows import resolve_paths, scan_runs
+
+    write_synthetic_runs(tmp_path, runs=1, snapshots=30, tau=8.0, noise=0.05, seed=3)
+    runs = scan_runs(resolve_paths(tmp_path))
+    short = build_forecaster("linear", context=4, horizons=(2,))
+    long_reader = build_forecaster("persistence", context=10, horizons=(2,))
+
+    def windows(res):
+        return next(r["windows"] for r in res["rows"] if r["kind"] == "all")
+
+    own = evaluate({"short": short}, runs)
+    alone = evaluate({"short": short}, runs, context=10)
+    beside = evaluate({"short": short, "long": long_reader}, runs)
+    assert windows(alone) == windows(beside) < windows(own)
+    assert score(alone, "short", 2) == score(beside, "short", 2) != score(own, "short", 2)
+    with pytest.raises(SleepbotError, match="shorter than a model's context 4"):
+        evaluate({"short": short}, runs, context=3)
 
 
 # -------------------------------------------------------------------------------------------- checkpoints

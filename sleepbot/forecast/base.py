@@ -162,7 +162,9 @@ class Forecaster(nn.Module):
         if history.shape[1] == 0 or history.shape[2] == 0:
             raise SleepbotError(f"history {tuple(history.shape)} holds no weights")
         history = history[-self.context :].float()
-        if not torch.isfinite(history).all():
+        # A finite sum means every weight is finite (one pass; NaN or inf anywhere makes it NaN or inf); only a
+        # non-finite sum (or one that overflowed) pays for the element-wise check.
+        if not torch.isfinite(history.sum()) and not torch.isfinite(history).all():
             raise SleepbotError(
                 "history contains NaN or infinite weights; a forecast from them would be garbage"
             )
@@ -219,6 +221,17 @@ class LearnedForecaster(Forecaster):
     def forward(self, history: torch.Tensor, kind: str, progress: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_at(
+        self, history: torch.Tensor, kind: str, progress: torch.Tensor | None, index: Sequence[int]
+    ) -> torch.Tensor:
+        """The displacement [len(index), N, F] at the trained horizons `self.horizons[i] for i in index`.
+
+        This default runs `forward` for every trained horizon and keeps those asked for; a forecaster whose
+        per-horizon work can be skipped overrides it with the same numbers for less work (a jump needs one
+        horizon of three).
+        """
+        return self(history, kind, progress)[list(index)]
+
     def displacement(
         self,
         history: torch.Tensor,
@@ -232,20 +245,27 @@ class LearnedForecaster(Forecaster):
                 f"horizon {max(horizons)} is beyond the largest horizon this {self.name} forecaster was trained "
                 f"for ({trained[-1]}); valid: 1..{trained[-1]}"
             )
-        out = self(history, kind, progress)  # [len(trained), N, F]
         if list(horizons) == list(trained):
-            return out
-        # Piecewise-linear interpolation of the displacement over the trained horizons, anchored at (0, 0).
+            return self(history, kind, progress)  # [len(trained), N, F]
+        # Piecewise-linear interpolation of the displacement over the trained horizons, anchored at (0, 0): knot
+        # j is trained horizon j-1 (knot 0 is the zero displacement), and only the knots used are computed.
         knots = [0, *trained]
-        values = [torch.zeros_like(out[0]), *out]
-        result = []
+        brackets = []
         for h in horizons:
             j = next(i for i, k in enumerate(knots) if k >= h)
-            if knots[j] == h:
-                result.append(values[j])
+            brackets.append((j,) if knots[j] == h else (j - 1, j))
+        used = sorted({j for b in brackets for j in b if j > 0})
+        computed = dict(zip(used, self.forward_at(history, kind, progress, [j - 1 for j in used])))
+        zero = torch.zeros_like(computed[used[0]])
+        values = {0: zero, **computed}
+        result = []
+        for h, b in zip(horizons, brackets):
+            if len(b) == 1:
+                result.append(values[b[0]])
                 continue
-            a = (h - knots[j - 1]) / (knots[j] - knots[j - 1])
-            result.append(values[j - 1] * (1 - a) + values[j] * a)
+            lo, hi = b
+            a = (h - knots[lo]) / (knots[hi] - knots[lo])
+            result.append(values[lo] * (1 - a) + values[hi] * a)
         return torch.stack(result)
 
 

@@ -31,6 +31,7 @@ def evaluate(
     max_weights: int = 1 << 17,
     use_progress: bool = True,
     smooth: int = 1,
+    context: int | None = None,
 ) -> dict[str, Any]:
     """R2_disp and mean cosine of every model on every window of `runs`.
 
@@ -42,6 +43,9 @@ def evaluate(
         max_weights: weights per group (memory vs speed only; the result does not depend on it).
         use_progress: give the forecasters step / max_steps (as the sleep callback does when it knows max_steps).
         smooth: score against the mean of the last `smooth` snapshots up to each horizon (1: the point target).
+        context: snapshots behind each window's end (default: the largest context of the models). A larger one
+            scores every model on the windows of a longer-reading one (each still reads only its own context),
+            so that separate evaluations of forecasters with different contexts are comparable.
 
     Returns:
         A JSON-ready dict: horizons, kinds, models, runs (ids), rows (one per model, horizon and kind, kind `all`
@@ -53,7 +57,12 @@ def evaluate(
         raise SleepbotError("nothing to evaluate on: no held-out runs")
     first = next(iter(models.values()))
     horizons = tuple(int(h) for h in (horizons or first.horizons))
-    context = max(m.context for m in models.values())
+    longest = max(m.context for m in models.values())
+    if context is not None and int(context) < longest:
+        raise SleepbotError(
+            f"context {context} is shorter than a model's context {longest}; valid: >= {longest}"
+        )
+    context = longest if context is None else int(context)
     ds = WindowDataset(
         runs, context, horizons, mode="all", max_weights=max_weights, stride=stride, smooth=smooth
     )

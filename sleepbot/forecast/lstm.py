@@ -50,11 +50,6 @@ N_CONST_FEATURES = 6
 HEAD_BLOCK_WEIGHTS = 1 << 16
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine between rows of [..., N, F] tensors, 0 where either row is 0."""
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-20)
-
-
 def neuron_features(
     history: torch.Tensor, scale: torch.Tensor, kind: str, progress: torch.Tensor | None
 ) -> torch.Tensor:
@@ -68,12 +63,17 @@ def neuron_features(
     """
     c, n, f = history.shape
     d = history[1:] - history[:-1]  # [C-1, N, F]
-    s = scale[None, :, None]
-    rms = (d / s).pow(2).mean(-1).sqrt()  # [C-1, N]
-    prev = torch.cat([torch.zeros_like(d[:1]), d[:-1]])
-    cos_prev = _cos(d, prev)  # [C-1, N]
-    cos_total = _cos(d, (history[-1] - history[0])[None])  # [C-1, N]
-    drift = (d / s).mean(-1)  # [C-1, N]
+    ds = d / scale[None, :, None]  # in motion units
+    rms = ds.pow(2).mean(-1).sqrt()  # [C-1, N]
+    drift = ds.mean(-1)  # [C-1, N]
+    del ds
+    # Cosines of each step with the one before (0 for the first, which has none) and with the whole context's
+    # displacement, every row's norm taken once (in as few passes over [C-1, N, F] as it takes).
+    dn = d.norm(dim=-1)  # [C-1, N]
+    cos_prev = torch.zeros_like(dn)
+    cos_prev[1:] = (d[1:] * d[:-1]).sum(-1) / (dn[1:] * dn[:-1]).clamp_min(1e-20)
+    total = history[-1] - history[0]  # [N, F]
+    cos_total = (d * total).sum(-1) / (dn * total.norm(dim=-1)).clamp_min(1e-20)  # [C-1, N]
     norms = history.norm(dim=-1)  # [C, N]
     rel_norm = (norms[1:] - norms[-1]) / (scale * math.sqrt(f))  # [C-1, N]
     step = torch.stack([rms, cos_prev, cos_total, drift, rel_norm], dim=-1)  # [C-1, N, 5]
@@ -163,6 +163,12 @@ class LSTMForecaster(LearnedForecaster):
         }
 
     def forward(self, history: torch.Tensor, kind: str, progress: torch.Tensor | None) -> torch.Tensor:
+        return self.forward_at(history, kind, progress, range(len(self.horizons)))
+
+    def forward_at(
+        self, history: torch.Tensor, kind: str, progress: torch.Tensor | None, index: Sequence[int]
+    ) -> torch.Tensor:
+        index = list(index)
         c, n, f = history.shape
         scale = neuron_scale(history)  # [N]
         seq = neuron_features(history, scale, kind, progress if self.read_progress else None)  # [N, C-1, 11]
@@ -177,17 +183,21 @@ class LSTMForecaster(LearnedForecaster):
             state = torch.cat([state, state.mean(0, keepdim=True).expand_as(state)], -1)
         const = seq[:, -1, N_STEP_FEATURES:]  # [N, 6]
         z = self.neuron_out(torch.cat([state, const], -1))  # [N, head_hidden + H]
-        bias, alpha = z[:, : self.head_hidden], z[:, self.head_hidden :]
+        bias, alpha = z[:, : self.head_hidden], z[:, self.head_hidden :][:, index]
 
         # The per-weight head, over blocks of neurons: the same numbers as one pass, but its [N, F, head_hidden]
         # intermediate stays a few MB instead of growing with the model (1.3 GB at 10M weights).
         block = max(1, HEAD_BLOCK_WEIGHTS // f)
         if n <= block:
-            return self._head(history, scale, bias, alpha)
+            return self._head(history, scale, bias, alpha, index)
         return torch.cat(
             [
                 self._head(
-                    history[:, i : i + block], scale[i : i + block], bias[i : i + block], alpha[i : i + block]
+                    history[:, i : i + block],
+                    scale[i : i + block],
+                    bias[i : i + block],
+                    alpha[i : i + block],
+                    index,
                 )
                 for i in range(0, n, block)
             ],
@@ -195,9 +205,15 @@ class LSTMForecaster(LearnedForecaster):
         )
 
     def _head(
-        self, history: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor
+        self,
+        history: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor,
+        alpha: torch.Tensor,
+        index: list[int],
     ) -> torch.Tensor:
-        """The displacement [H, N, F] of a block of neurons, from their neuron states (bias, alpha)."""
+        """The displacement [len(index), N, F] of a block of neurons at the trained horizons `index`, from their
+        neuron states (bias, alpha [N, len(index)])."""
         c = history.shape[0]
         s = scale[:, None]  # [N, 1]
         slope, offset = line_fit(history)  # [N, F] each
@@ -210,7 +226,9 @@ class LSTMForecaster(LearnedForecaster):
             [x.permute(1, 2, 0), slope[..., None], offset[..., None], noise[..., None]], -1
         )  # [N,F,C+2]
         hid = F.gelu(self.head_in(u) + bias[:, None, :])  # [N, F, head_hidden]
-        out = self.head_out(hid)  # [N, F, H]
-        line = offset[..., None] + slope[..., None] * self._h  # [N, F, H]
+        out = self.head_out(hid)  # [N, F, H]: every horizon (one small product), then only those asked for
+        if len(index) < out.shape[-1]:
+            out = out[..., index]
+        line = offset[..., None] + slope[..., None] * self._h[index]  # [N, F, len(index)]
         out = out + alpha[:, None, :] * line
         return (out * scale[:, None, None]).permute(2, 0, 1)  # [H, N, F]

@@ -176,6 +176,12 @@ class MultiScaleForecaster(LearnedForecaster):
         return a, z[:, n_h * N_FEATURES :]
 
     def forward(self, history: torch.Tensor, kind: str, progress: torch.Tensor | None) -> torch.Tensor:
+        return self.forward_at(history, kind, progress, range(len(self.horizons)))
+
+    def forward_at(
+        self, history: torch.Tensor, kind: str, progress: torch.Tensor | None, index: Sequence[int]
+    ) -> torch.Tensor:
+        index = list(index)
         c, n, f = history.shape
         if not self.min_context <= c <= self.context:
             raise SleepbotError(
@@ -183,12 +189,13 @@ class MultiScaleForecaster(LearnedForecaster):
             )
         scale = neuron_scale(history)  # [N]
         a, head_bias = self.neuron_state(history, scale, kind)  # [N, H, K], [N, head_hidden]
+        a = a[:, index]  # [N, len(index), K]: the horizons asked for
         feats = trend_features(history, scale)  # K x [N, F]
-        out = torch.zeros(len(self.horizons), n, f, dtype=history.dtype, device=history.device)
+        out = torch.zeros(len(index), n, f, dtype=history.dtype, device=history.device)
         for k, x in enumerate(feats):
-            out += a[:, :, k].T[:, :, None] * x  # [H, N, F]
+            out += a[:, :, k].T[:, :, None] * x  # [len(index), N, F]
         if self.head_hidden:
-            out = out + self._head(feats, head_bias)
+            out = out + self._head(feats, head_bias)[index]
         return out * scale[None, :, None]
 
     def _head(self, feats: list[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
