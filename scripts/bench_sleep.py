@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = {"none": {"strategy": "none"}, "linear": {"strategy": "linear"}}
     try:
         Sleep("learned", **learned)
-        arms["learned"] = {"strategy": "learned", "forecaster": args.forecaster}
+        arms["learned"] = {"strategy": "learned", "options": dict(learned)}
     except SleepbotError as e:
         print(f"no learned arm in the overhead test: {e}", file=sys.stderr)
     result["run_overhead"] = run_overhead(arms, args.repeats)

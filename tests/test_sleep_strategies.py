@@ -285,7 +285,15 @@ def test_learned_refuses_settings_its_forecaster_was_not_trained_for(tmp_path):
         Sleep("learned", forecaster=str(path), snapshot_every=10)
     mlp = tmp_path / "mlp.pt"
     save_forecaster(MLPForecaster(context=4, horizons=(1, 2), snapshot_every=3), mlp)
-    assert Sleep("learned", forecaster=str(mlp)).horizon == 2  # default: the largest trained horizon
+    assert Sleep("learned", forecaster=str(mlp)).horizon == 2  # default: its default_horizon, min(5, largest)
+    wide = tmp_path / "wide.pt"
+    save_forecaster(MLPForecaster(context=4, horizons=(2, 5, 10, 20), snapshot_every=3), wide)
+    assert Sleep("learned", forecaster=str(wide)).horizon == 5
+    far = tmp_path / "far.pt"
+    save_forecaster(
+        MLPForecaster(context=4, horizons=(2, 5, 10, 20), snapshot_every=3, default_horizon=10), far
+    )
+    assert Sleep("learned", forecaster=str(far)).horizon == 10
     with pytest.raises(SleepbotError, match="up to 2 snapshots ahead"):
         Sleep("learned", forecaster=str(mlp), horizon=3)
 
