@@ -272,6 +272,39 @@ def test_bad_names_and_options_are_one_line_errors():
             assert msg not in str(e)
 
 
+def test_learned_calibrate_shrinks_a_jump_by_how_right_the_forecaster_was_on_this_run(tmp_path):
+    """calibrate backtests the forecaster `horizon` snapshots back: on a straight line the backtest is exact
+    (lambda 1, the full jump); on a path that turned back after the backtest's history, the old forecast pointed the
+    wrong way (lambda clipped to 0, no move); with too little history there is nothing to judge by (no move)."""
+    from sleepbot.forecast import LinearForecaster, save_forecaster
+
+    path = tmp_path / "line.pt"
+    save_forecaster(LinearForecaster(context=10, min_context=3, horizons=(1, 2, 5), snapshot_every=3), path)
+    plain = make_strategy("learned", forecaster=str(path))
+    cal = make_strategy("learned", forecaster=str(path), calibrate=True)
+    assert cal.options()["calibrate"] is True
+    torch.manual_seed(0)
+    start, slope = torch.randn(4, 6), torch.randn(4, 6)
+    t = torch.arange(10.0)[:, None, None]
+    line = start + slope * t  # [10, 4, 6]
+    steps = [3 * i for i in range(10)]
+    ctx = _ctx("fc", "linear", steps)
+    torch.testing.assert_close(cal.propose(line, 2, ctx), plain.propose(line, 2, ctx))
+    assert ctx.extra["calibration"] == pytest.approx(1.0)
+    turned = torch.cat([line[:8], line[[6, 5]]])  # forward for 8 snapshots, then 2 back the way it came
+    ctx = _ctx("fc", "linear", steps)
+    assert torch.equal(cal.propose(turned, 2, ctx), turned[-1])
+    assert ctx.extra["calibration"] == 0.0
+    assert not torch.equal(plain.propose(turned, 2, _ctx("fc", "linear", steps)), turned[-1])
+    ctx = _ctx("fc", "linear", steps[:4])
+    assert torch.equal(cal.propose(line[:4], 2, ctx), line[3])  # 4 < min_context 3 + horizon 2
+    # the callback refuses a context too short to backtest, in one line
+    short = tmp_path / "short.pt"
+    save_forecaster(LinearForecaster(context=4, horizons=(1, 2), snapshot_every=3), short)
+    with pytest.raises(SleepbotError, match="min_context \\+ horizon = 6"):
+        Sleep("learned", forecaster=str(short), calibrate=True, horizon=2)
+
+
 def test_learned_refuses_settings_its_forecaster_was_not_trained_for(tmp_path):
     from sleepbot.forecast import LinearForecaster, MLPForecaster, save_forecaster
 

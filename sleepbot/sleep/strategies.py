@@ -170,19 +170,30 @@ class Learned(SleepStrategy):
         forecaster: path to a forecaster checkpoint; None loads the default one shipped with sleepbot.
         gain: multiplies the forecast displacement (1: the forecast as is). A forecaster trained to minimise
             squared error shrinks its displacements toward zero where it is unsure; gain > 1 undoes some of that.
+        calibrate: trust the forecaster on this run only as far as it has been right on it. Before each jump,
+            per layer, the forecaster forecasts from the history as it stood `horizon` snapshots ago, that
+            forecast is compared with where the layer went, and the jump is the forecast displacement times
+            lambda = <forecast, actual> / <forecast, forecast> (the least-squares shrink of the backtest) clipped
+            to [0, 1]: a forecaster that has been pointing the wrong way, or too far, moves the layer little or
+            not at all. Needs a history of min_context + horizon snapshots, so a forecaster with a long context
+            that keeps its history across jumps (`carry_history`, the multiscale forecaster's default); before
+            that much history there is nothing to judge by and the layer does not move. The history the
+            backtest reads is the training path, translated by earlier jumps: it scores the forecaster on the
+            motion training made, not on the jumps.
     """
 
-    def __init__(self, forecaster: str | None = None, gain: float = 1.0) -> None:
+    def __init__(self, forecaster: str | None = None, gain: float = 1.0, calibrate: bool = False) -> None:
         from sleepbot.forecast import load_forecaster
 
         if not gain > 0:
             raise SleepbotError(f"learned gain must be > 0, got {gain}")
         self.forecaster = None if forecaster is None else str(forecaster)
         self.gain = float(gain)
+        self.calibrate = bool(calibrate)
         self.model = load_forecaster(forecaster)
 
     def options(self) -> dict[str, Any]:
-        return {"forecaster": self.forecaster, "gain": self.gain}
+        return {"forecaster": self.forecaster, "gain": self.gain, "calibrate": self.calibrate}
 
     def _max_horizon(self) -> int | None:
         return max(int(h) for h in self.model.horizons) if getattr(self.model, "learned", False) else None
@@ -241,6 +252,12 @@ class Learned(SleepStrategy):
                 f"this forecaster predicts up to {top} snapshots ahead (trained horizons "
                 f"{list(f.horizons)}); got horizon {settings.horizon}"
             )
+        if self.calibrate and settings.context < least + settings.horizon:
+            raise SleepbotError(
+                f"learned calibrate backtests the forecaster horizon={settings.horizon} snapshots back, so it needs "
+                f"a context of at least min_context + horizon = {least + settings.horizon} snapshots; this "
+                f"forecaster reads {settings.context} (use one with a longer context, or a shorter horizon)"
+            )
 
     def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
         gaps = torch.diff(ctx.steps)
@@ -253,9 +270,28 @@ class Learned(SleepStrategy):
             self.model.predict(history.cpu(), int(horizon), kind=ctx.kind, progress=ctx.progress)
         )
         out = out.to(dtype=history.dtype, device=history.device)
-        if self.gain != 1.0:
-            out = history[-1] + self.gain * (out - history[-1])
+        scale = self.gain
+        if self.calibrate:
+            scale *= self.backtest(history, int(horizon), ctx)
+            ctx.extra["calibration"] = scale
+        if scale != 1.0:
+            out = history[-1] + scale * (out - history[-1])
         return out
+
+    def backtest(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> float:
+        """The calibration factor lambda in [0, 1] of one layer (see `calibrate`); 0 without enough history."""
+        least = int(getattr(self.model, "min_context", self.model.context))
+        if history.shape[0] < least + horizon:
+            return 0.0
+        past = history[:-horizon].cpu()
+        start = past[-1].double()
+        forecast = torch.as_tensor(self.model.predict(past, horizon, kind=ctx.kind, progress=ctx.progress))
+        d_fc = forecast.double() - start
+        d_true = history[-1].cpu().double() - start
+        denom = float(d_fc.pow(2).sum())
+        if not denom > 0:
+            return 0.0
+        return min(1.0, max(0.0, float((d_fc * d_true).sum()) / denom))
 
 
 # The adaptive jump measured for `learned` (off by default, see Learned.defaults):
