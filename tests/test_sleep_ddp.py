@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy
-from test_sleep_helpers import TinyNet, digits_loader, trainer
+from test_sleep_helpers import ReleaseProcessGroup, TinyNet, digits_loader, trainer
 
 from sleepbot.sleep import Sleep, SleepStrategy
 
@@ -73,7 +73,8 @@ class Dump(pl.Callback):
 def test_replicas_stay_identical_after_jumps(tmp_path):
     sleep = Sleep(RankShift(), every_n_steps=5, context=1, check_batches=1, tolerance=1.0)
     pl.seed_everything(0, verbose=False)
-    t = trainer(11, [Dump(tmp_path, "pre"), sleep, Dump(tmp_path, "post")], devices=2, strategy=CountingDDP())
+    callbacks = [Dump(tmp_path, "pre"), sleep, Dump(tmp_path, "post"), ReleaseProcessGroup()]
+    t = trainer(11, callbacks, devices=2, strategy=CountingDDP())
     t.fit(TinyNet(), digits_loader())
     for step in (5, 10):
         pre = [torch.load(tmp_path / f"pre-step{step}-rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -99,7 +100,7 @@ def test_replicas_stay_identical_after_jumps(tmp_path):
 def test_a_failure_on_rank_zero_ends_the_run_promptly():
     sleep = Sleep(FailOnRankZero(), every_n_steps=3, context=1)
     pl.seed_everything(0, verbose=False)
-    t = trainer(8, [sleep], devices=2, strategy="ddp_spawn")
+    t = trainer(8, [sleep, ReleaseProcessGroup()], devices=2, strategy="ddp_spawn")
     start = time.monotonic()
     with pytest.raises(Exception, match="boom on rank 0 at step 3"):
         t.fit(TinyNet(), digits_loader())
