@@ -207,7 +207,8 @@ class Learned(SleepStrategy):
         # horizon 5: 1.26x, 1.05x, 1.14x, 0.93x, 1.00x (worst 0.93x); horizon 20, the largest trained horizon
         # and the default until then: 0.81x, 0.97x, 0.29x (5 misses in 10), 0.88x, 0.34x (5 misses); horizon 2:
         # 1.00x, 1.10x, 1.23x, 1.00x, 0.88x. (Horizon 20 had been chosen on seeds 0-9 of digits/Adam at lr 0.01,
-        # where it gave 1.51x; at the lrs tuned here its jumps of up to 0.8 of a weight's norm wrecked runs.)
+        # where it gave 1.51x; at the lrs tuned here its first jump moved SGD+momentum weights by 0.4-0.5 of their
+        # norm and wrecked runs.)
         horizon = int(getattr(f, "default_horizon", None) or 5)
         top = self._max_horizon()
         if top is not None:
