@@ -16,6 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from test_sleep_helpers import ReleaseProcessGroup
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -346,11 +347,6 @@ class _RankProbe(TrajectoryRecorder):
         super().teardown(trainer, pl_module, stage)
         note = self.path.parent / f"rank{trainer.global_rank}.txt"
         note.write_text(f"writes={self.writes} core={self.core is not None}")
-        # Release the gloo process group here, where both ranks have finished with it, rather than in the
-        # interpreter's exit handlers: left to those, a spawned rank sometimes aborts on exit ("terminate called
-        # without an active exception", SIGABRT; about 1 run in 10 on a 2-core machine) after the fit is done.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -362,7 +358,7 @@ def test_ddp_only_rank_zero_writes(tmp_path):
         max_steps=10,
         devices=2,
         strategy="ddp_spawn",
-        callbacks=[_RankProbe(path, snapshot_every=5)],
+        callbacks=[_RankProbe(path, snapshot_every=5), ReleaseProcessGroup()],
         use_distributed_sampler=True,
     )
     trainer.fit(module, _digits_loader(256, 16))

@@ -195,6 +195,10 @@ class Learned(SleepStrategy):
     def options(self) -> dict[str, Any]:
         return {"forecaster": self.forecaster, "gain": self.gain, "calibrate": self.calibrate}
 
+    def _min_context(self) -> int:
+        """The fewest snapshots the forecaster reads (its context unless it reads several lengths)."""
+        return int(getattr(self.model, "min_context", self.model.context))
+
     def _max_horizon(self) -> int | None:
         return max(int(h) for h in self.model.horizons) if getattr(self.model, "learned", False) else None
 
@@ -221,7 +225,7 @@ class Learned(SleepStrategy):
         # jump_scales=LEARNED_JUMP_SCALES) measured 0.99x / 1.10x against 1.19x / 1.06x unprobed on digits /
         # mnist1d (configs/compare_select.yaml). Pass the settings to check or probe.
         out = {"context": int(f.context), "horizon": int(horizon)}
-        least = int(getattr(f, "min_context", f.context))
+        least = self._min_context()
         if least < f.context:
             # A forecaster that reads histories of several lengths sleeps once it has its minimum, and keeps the
             # history across jumps (translated by each), so that later jumps read up to its full context.
@@ -237,7 +241,7 @@ class Learned(SleepStrategy):
             raise SleepbotError(
                 f"this forecaster reads context={f.context} snapshots; got context={settings.context} (leave it unset)"
             )
-        least = int(getattr(f, "min_context", f.context))
+        least = self._min_context()
         if settings.min_context < least:
             raise SleepbotError(
                 f"this forecaster needs at least {least} snapshots; got min_context={settings.min_context}"
@@ -281,8 +285,7 @@ class Learned(SleepStrategy):
 
     def backtest(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> float:
         """The calibration factor lambda in [0, 1] of one layer (see `calibrate`); 0 without enough history."""
-        least = int(getattr(self.model, "min_context", self.model.context))
-        if history.shape[0] < least + horizon:
+        if history.shape[0] < self._min_context() + horizon:
             return 0.0
         past = history[:-horizon].cpu()
         start = past[-1].double()
