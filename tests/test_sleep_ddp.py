@@ -107,3 +107,39 @@ def test_a_failure_on_rank_zero_ends_the_run_promptly():
     # rank 1 is told by rank 0 and fails too, instead of waiting in a collective (gloo's timeout is 30 minutes);
     # the run takes about as long as starting the two processes (~9 s on an idle CPU, ~30 s on a loaded one)
     assert time.monotonic() - start < 120
+
+
+class BigShift(SleepStrategy):
+    """Moves every weight by +5 (by rank 0's proposal): a jump that training cannot repair in a few steps."""
+
+    def propose(self, history, horizon, ctx):
+        return history[-1] + 5.0
+
+
+class DumpAt(pl.Callback):
+    """Saves each rank's state at `steps` (`tag` pre / post: placed before or after Sleep)."""
+
+    def __init__(self, out, tag: str, steps) -> None:
+        self.out, self.tag, self.steps = out, tag, set(steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            opt = trainer.optimizers[0].state_dict()["state"]
+            state.update({f"opt.{i}.{k}": v for i in opt for k, v in opt[i].items()})
+            torch.save(state, self.out / f"{self.tag}-step{trainer.global_step}-rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_a_jump_undone_by_its_verdict_is_undone_on_every_replica(tmp_path):
+    # jump at 5, verdict at 8: rolled back on both ranks to the state before the jump
+    sleep = Sleep(BigShift(), every_n_steps=5, context=1, check_batches=1, verify_after=3)
+    pl.seed_everything(0, verbose=False)
+    callbacks = [DumpAt(tmp_path, "pre", [5]), sleep, DumpAt(tmp_path, "post", [8]), ReleaseProcessGroup()]
+    trainer(9, callbacks, devices=2, strategy="ddp_spawn").fit(TinyNet(), digits_loader())
+    pre = [torch.load(tmp_path / f"pre-step5-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    post = [torch.load(tmp_path / f"post-step8-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert pre[0].keys() == post[0].keys() and any(k.startswith("opt.") for k in pre[0])
+    for k in pre[0]:
+        assert torch.equal(post[0][k], post[1][k]), k  # identical replicas after the verdict
+        assert torch.equal(post[0][k], pre[0][k]), k  # back to the state before the jump

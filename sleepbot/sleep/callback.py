@@ -8,7 +8,10 @@ What happens at each optimizer step (on_train_batch_end, after the optimizer has
 2. if `should_sleep(step)`: the strategy proposes new weights for each layer from its history [C, N, F];
    a proposal with NaN or Inf is rejected; with `check_batches > 0` the loss on the last `check_batches` training
    batches is compared before and after, and the jump is rolled back if it rose by more than `tolerance`
-   (relative: loss_after > loss_before * (1 + tolerance));
+   (relative: loss_after > loss_before * (1 + tolerance)); with `verify_after = k > 0` the verdict waits: the jump
+   is written, training goes on, and k steps later the held loss (on the batches held at the jump) is compared
+   with the loss before the jump; if it is higher, the run goes back to where it was before the jump (weights,
+   buffers and optimizer state), the k steps lost;
 3. an accepted jump is written in place under torch.no_grad(), the optimizer state is kept / reset / rescaled
    (sleep/optim_state.py), and the ring buffer restarts from the new weights (the trajectory is discontinuous
    there, so older snapshots would mislead an extrapolation);
@@ -34,6 +37,7 @@ and a resume whose settings would make that state wrong fails with one line nami
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -51,7 +55,7 @@ from torch import nn
 from sleepbot.errors import SleepbotError
 from sleepbot.neurons import layer_kind, neuron_layers, neuron_matrix, set_neuron_matrix
 from sleepbot.sleep.base import EveryNSteps, LayerContext, SleepSettings, SleepStrategy, make_strategy
-from sleepbot.sleep.held import LossFn, held_loss, norm_layers, norm_state, set_norm_state
+from sleepbot.sleep.held import LossFn, held_loss, norm_layers, norm_state, recompute_norms, set_norm_state
 from sleepbot.sleep.optim_state import adjust_optimizer_state, check_policy
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,17 @@ RESUMABLE = (
     "carry_history",
     "min_context",
 )
+
+
+def _to_cpu(tree: Any) -> Any:
+    """A copy of a nest of dicts / lists / tensors with every tensor on the CPU (for a checkpoint)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -174,6 +189,18 @@ class Sleep(pl.Callback):
             (new weights - old, per weight), so the history stays continuous and the next sleep need not wait for
             `context` new snapshots; False restarts the history at the jump (None: the strategy's choice, else
             False). A strategy that reads long contexts needs it to sleep more than once per context.
+        verify_after: judge a jump k steps after it instead of at once (0: at once, the `check_batches` check).
+            The loss right after a jump mostly rises even when the jump pays off a few steps later, so the
+            immediate check rolls back jumps that would have paid; this one lets training react first. At an
+            accepted jump the module's state and the optimizers' state are copied (memory: the model and its
+            optimizer state once more, held for k steps); k steps later the mean loss on the training batches
+            held at the jump (`check_batches` of them, BatchNorm statistics re-estimated for the judged weights
+            and restored afterwards) is compared with the loss on them before the jump, and if it is higher
+            (by more than `tolerance`, relative) or not finite, the module and the optimizers are restored: the
+            run is back at the weights it had before the jump, k steps later. An LR scheduler is not rewound.
+            Needs check_batches >= 1 and no `jump_scales`; must be smaller than `every_n_steps` (a sleep the
+            schedule names while a verdict is pending is skipped). Its cost, `check_batches` forward passes at
+            the jump and again at the verdict (twice with BatchNorm), is in the events' `forwards`.
         **options: the strategy's own options when it is given by name (e.g. alpha=0.01 for `noise`).
     """
 
@@ -204,6 +231,7 @@ class Sleep(pl.Callback):
         jump_scales: list[float] | str | None = "auto",
         held_batches: str = "recent",
         carry_history: bool | None = None,
+        verify_after: int = 0,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -272,6 +300,23 @@ class Sleep(pl.Callback):
                 f"unknown sleep held_batches {held_batches!r}; valid: {', '.join(HELD_BATCHES)}"
             )
         self.held_batches = held_batches
+        self.verify_after = int(verify_after)
+        if self.verify_after < 0:
+            raise SleepbotError(f"sleep verify_after must be >= 0 steps, got {verify_after}")
+        if self.verify_after:
+            if self.check_batches < 1:
+                raise SleepbotError(
+                    "sleep verify_after judges a jump by the loss on held training batches: set check_batches >= 1"
+                )
+            if self.jump_scales is not None:
+                raise SleepbotError(
+                    "sleep verify_after and jump_scales are two ways to judge a jump; pass one (jump_scales=None)"
+                )
+            if schedule is None and self.verify_after >= resolved["every_n_steps"]:
+                raise SleepbotError(
+                    f"sleep verify_after ({self.verify_after}) must be smaller than every_n_steps "
+                    f"({resolved['every_n_steps']}), so that each jump is judged before the next"
+                )
         self.carry_history = bool(preferred["carry_history"] if carry_history is None else carry_history)
         self.events: list[dict[str, Any]] = []
         self._layers: dict[str, torch.nn.Module] = {}
@@ -290,6 +335,9 @@ class Sleep(pl.Callback):
         self._val_history: list[float] = []
         self._plateau = False
         self._restored = False
+        # A jump awaiting its verdict (verify_after): the step of the verdict, the loss before the jump, the
+        # held batches it is judged on, and the module's and optimizers' state to go back to.
+        self._pending: dict[str, Any] | None = None
 
     @property
     def every_n_steps(self) -> int:
@@ -339,6 +387,7 @@ class Sleep(pl.Callback):
             "buffer_device": None if self.buffer_device is None else str(self.buffer_device),
             "jump_scales": None if self.jump_scales is None else list(self.jump_scales),
             "carry_history": self.carry_history,
+            "verify_after": self.verify_after,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -358,6 +407,7 @@ class Sleep(pl.Callback):
             "plateau": self._plateau,
             "events": [dict(e) for e in self.events],
             "strategy": self.strategy.state_dict(),
+            "pending": None if self._pending is None else _to_cpu(self._pending),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -365,7 +415,7 @@ class Sleep(pl.Callback):
             raise SleepbotError(
                 f"sleep state of version {state_dict.get('version')!r} is not readable; valid: {STATE_VERSION}"
             )
-        saved, now = state_dict["settings"], self._settings()
+        saved, now = {"verify_after": 0, **state_dict["settings"]}, self._settings()
         for key in now:
             if key not in RESUMABLE and saved.get(key) != now[key]:
                 raise SleepbotError(
@@ -388,6 +438,7 @@ class Sleep(pl.Callback):
         self._plateau = bool(state_dict["plateau"])
         self.events = [dict(e) for e in state_dict["events"]]
         self.strategy.load_state_dict(state_dict["strategy"])
+        self._pending = state_dict.get("pending")
         self._restored = True
 
     def on_load_checkpoint(
@@ -443,6 +494,12 @@ class Sleep(pl.Callback):
         self._last_step = step
         if self.context > 1 and (step - self._origin) % self.snapshot_every == 0:
             self._buffer.append((step, self._to_buffer(self._snapshot())))
+        if self._pending is not None:
+            # The verdict's step, like the pending jump itself, is the same on every rank.
+            if step >= int(self._pending["step"]):
+                self.verify(trainer, pl_module, step)
+            else:
+                return  # no sleep while a jump awaits its verdict
         go = bool(self.should_sleep(step))
         if trainer.world_size > 1:
             # Rank 0 decides, so a rank-dependent policy cannot split the replicas. The schedule is the same on
@@ -479,13 +536,13 @@ class Sleep(pl.Callback):
     def should_sleep(self, step: int) -> bool:
         """Whether to sleep after optimizer step `step`: the schedule, gated by the plateau test when asked, and
         never at the Trainer's last step (no training would follow the jump; the final evaluation would see
-        untrained extrapolated weights).
+        untrained extrapolated weights), nor, with `verify_after`, where its verdict would fall past it.
 
         Override this in a subclass for another policy; under DDP rank 0's answer is used on every rank, and it
         counts only at the steps `schedule` names (an override can veto a scheduled sleep there, not add one).
         """
-        if self._final_step and step >= self._final_step:
-            return False
+        if self._final_step and (step >= self._final_step or step + self.verify_after > self._final_step):
+            return False  # (with verify_after: no jump that cannot be judged by the end)
         if not self.schedule(step):
             return False
         return self._plateau or not self.after_plateau
@@ -598,7 +655,13 @@ class Sleep(pl.Callback):
                 trainer, pl_module, norms, saved_norms, current, proposal, total, per_eval, out
             )
         self._write(proposal)
-        if checked:
+        if checked and self.verify_after:
+            # judged verify_after steps later (see `verify`); BatchNorm statistics for the new weights, as an
+            # accepted jump keeps them
+            if norms:
+                recompute_norms(trainer, pl_module, norms, self._held, self.loss_fn)
+                out["forwards"] += len(self._held)
+        elif checked:
             after = self._held_loss(
                 trainer, pl_module, norms
             )  # re-estimates BN statistics for the new weights
@@ -680,6 +743,8 @@ class Sleep(pl.Callback):
         t0 = time.perf_counter()
         world = trainer.world_size
         decision: dict[str, Any] = {}
+        # where a jump judged later (verify_after) goes back to: every rank keeps its own copy
+        before = self._save_state(trainer, pl_module) if self.verify_after and self._held else None
         if trainer.is_global_zero:
             try:
                 decision = self._decide(trainer, pl_module, step)
@@ -717,6 +782,15 @@ class Sleep(pl.Callback):
             )
             self._jumped += self.horizon * self.snapshot_every
             self._restart_history(step, decision["old"], new)
+            if before is not None:
+                self._pending = {
+                    "step": step + self.verify_after,
+                    "jump_step": step,
+                    "loss_before": float(decision["loss_before"]),  # rank 0's; the verdict is rank 0's
+                    "held": list(self._held),
+                    "skipped": self.horizon * self.snapshot_every,
+                    **before,
+                }
         event = {
             "step": int(step),
             "strategy": self.strategy.name,
@@ -738,6 +812,83 @@ class Sleep(pl.Callback):
         self.events.append(event)
         self._log(trainer, event)
         return event
+
+    @staticmethod
+    def _save_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return {
+            "module": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "optimizers": [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers],
+        }
+
+    def verify(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
+        """The verdict on the pending jump (`verify_after` steps after it): keep it, or go back to the module's
+        and optimizers' state before it. Rank 0 judges; every rank restores its own copy."""
+        t0 = time.perf_counter()
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        verdict: dict[str, Any] = {"keep": True, "loss": math.nan, "forwards": 0}
+        if trainer.is_global_zero:
+            try:
+                norms = norm_layers(trainer, pl_module)
+                saved = norm_state(norms)
+                verdict["loss"] = held_loss(trainer, pl_module, norms, pending["held"], self.loss_fn)
+                set_norm_state(norms, saved)  # the verdict leaves training's statistics as they were
+                verdict["forwards"] = len(pending["held"]) * (2 if norms else 1)
+                limit = pending["loss_before"] * (1.0 + self.tolerance)
+                verdict["keep"] = bool(math.isfinite(verdict["loss"]) and verdict["loss"] <= limit)
+            except BaseException as e:
+                if trainer.world_size > 1:
+                    trainer.strategy.broadcast({"error": f"{type(e).__name__}: {e}"}, src=0)
+                raise
+        if trainer.world_size > 1:
+            verdict = trainer.strategy.broadcast(verdict if trainer.is_global_zero else None, src=0)
+            if "error" in verdict:
+                raise SleepbotError(f"rank 0 failed while judging a jump at step {step}: {verdict['error']}")
+        jump = int(pending["jump_step"])
+        before, after = float(pending["loss_before"]), float(verdict["loss"])
+        if verdict["keep"]:
+            reason = f"verify: kept the jump of step {jump} ({after:.4g} <= {before:.4g})"
+        else:
+            self._restore_state(trainer, pl_module, pending)
+            self._jumped -= int(pending["skipped"])
+            self._buffer.clear()  # the history restarts at the restored weights
+            self._origin = step
+            if self.context > 1:
+                self._buffer.append((step, self._to_buffer(self._snapshot())))
+            reason = f"verify: rolled back the jump of step {jump} ({after:.4g} > {before:.4g})"
+        for e in reversed(self.events):
+            if e["step"] == jump and e["accepted"]:
+                e["kept"] = bool(verdict["keep"])
+                break
+        # accepted=False: no jump is written here (a rollback is the jump of step `jump` undone)
+        event = {
+            "step": int(step),
+            "strategy": self.strategy.name,
+            "horizon": int(self.horizon),
+            "accepted": False,
+            "reason": reason,
+            "loss_before": before,
+            "loss_after": after,
+            "rel_jump": 0.0,
+            "forwards": int(verdict["forwards"]),
+            "seconds": time.perf_counter() - t0,
+            "verify": {"jump_step": jump, "kept": bool(verdict["keep"])},
+        }
+        self.events.append(event)
+        self._log(trainer, event)
+        return event
+
+    @staticmethod
+    def _restore_state(trainer: pl.Trainer, pl_module: pl.LightningModule, saved: dict[str, Any]) -> None:
+        with torch.no_grad():
+            pl_module.load_state_dict(saved["module"])  # copies in place: the optimizers' parameters stay
+        if len(saved["optimizers"]) != len(trainer.optimizers):
+            raise SleepbotError(
+                f"sleep verify_after saved {len(saved['optimizers'])} optimizers' state at the jump, and the "
+                f"trainer has {len(trainer.optimizers)} now"
+            )
+        for opt, state in zip(trainer.optimizers, saved["optimizers"]):
+            opt.load_state_dict(state)
 
     def _restart_history(self, step: int, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
         """The ring buffer after an accepted jump from `old` to `new` (both {layer: [N, F]}) at `step`.
