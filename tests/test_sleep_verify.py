@@ -105,7 +105,8 @@ def test_no_jump_whose_verdict_would_fall_after_the_last_step():
 
 def test_resume_while_a_verdict_is_pending_equals_uninterrupted(tmp_path):
     def sleep():
-        return _sleep(BigNoise(), every_n_steps=6, verify_after=3)  # jumps at 6, 12; verdicts at 9, 15
+        # jumps at 6 and 12, verdicts at 10 and 16; after the rollback at 10 the history (context 2) is 10, 12
+        return _sleep(BigNoise(), every_n_steps=6, context=2, verify_after=4)
 
     # the uninterrupted run leaves a checkpoint at step 7, with the jump of step 6 awaiting its verdict
     full_cb = sleep()
@@ -127,6 +128,16 @@ def test_resume_while_a_verdict_is_pending_equals_uninterrupted(tmp_path):
     assert [e["reason"] for e in resumed_cb.events] == [e["reason"] for e in full_cb.events]
     for k, v in weights(full).items():
         assert torch.equal(weights(module)[k], v), k
+
+
+def test_after_a_rollback_off_the_snapshot_grid_the_history_stays_on_it():
+    cb = _sleep(BigNoise(), every_n_steps=6, verify_after=3)  # snapshots every 2 steps; verdict at 9
+    _fit([cb], max_steps=15)
+    assert [(e["step"], e["reason"].split(" (")[0]) for e in cb.events] == [
+        (6, "ok"),
+        (9, "verify: rolled back the jump of step 6"),
+        (12, "history: 2 of 3 snapshots"),  # 10 and 12: the grid of the jump at 6, not 9, 11
+    ]
 
 
 @pytest.mark.parametrize(

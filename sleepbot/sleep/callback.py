@@ -199,7 +199,8 @@ class Sleep(pl.Callback):
             (by more than `tolerance`, relative) or not finite, the module and the optimizers are restored: the
             run is back at the weights it had before the jump, k steps later. An LR scheduler is not rewound.
             Needs check_batches >= 1 and no `jump_scales`; must be smaller than `every_n_steps` (a sleep the
-            schedule names while a verdict is pending is skipped). Its cost, `check_batches` forward passes at
+            schedule names while a verdict is pending is skipped). Best a multiple of `snapshot_every`: after a
+            rollback the history restarts on the jump's snapshot grid, so off it one snapshot fewer is ready. Its cost, `check_batches` forward passes at
             the jump and again at the verdict (twice with BatchNorm), is in the events' `forwards`.
         **options: the strategy's own options when it is given by name (e.g. alpha=0.01 for `noise`).
     """
@@ -851,9 +852,11 @@ class Sleep(pl.Callback):
         else:
             self._restore_state(trainer, pl_module, pending)
             self._jumped -= int(pending["skipped"])
-            self._buffer.clear()  # the history restarts at the restored weights
-            self._origin = step
-            if self.context > 1:
+            # The history restarts at the restored weights, on the snapshot grid the jump set (its origin is the
+            # jump's step), so that sleeps stay on the grid; off the grid (verify_after not a multiple of
+            # snapshot_every) the first snapshot waits for the grid's next step.
+            self._buffer.clear()
+            if self.context > 1 and (step - self._origin) % self.snapshot_every == 0:
                 self._buffer.append((step, self._to_buffer(self._snapshot())))
             reason = f"verify: rolled back the jump of step {jump} ({after:.4g} > {before:.4g})"
         for e in reversed(self.events):
