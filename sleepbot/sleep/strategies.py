@@ -224,7 +224,11 @@ class Learned(SleepStrategy):
         # jump pays off a few steps later. The probe (check_batches=LEARNED_CHECK_BATCHES,
         # jump_scales=LEARNED_JUMP_SCALES) measured 0.99x / 1.10x against 1.19x / 1.06x unprobed on digits /
         # mnist1d (configs/compare_select.yaml). Pass the settings to check or probe.
-        out = {"context": int(f.context), "horizon": int(horizon)}
+        # The optimizer state after a jump: per optimizer, the policy measured best on the same development seeds
+        # (sleepbot/sleep/optim_state.py, `auto`: the momentum buffer dropped for SGD+momentum, every other
+        # optimizer's state kept). A delayed verdict (Sleep's verify_after=10, 25) measured worse than no check:
+        # worst 0.85x, 0.88x (configs/compare_select_verify*.yaml).
+        out = {"context": int(f.context), "horizon": int(horizon), "optimizer_state": "auto"}
         least = self._min_context()
         if least < f.context:
             # A forecaster that reads histories of several lengths sleeps once it has its minimum, and keeps the
