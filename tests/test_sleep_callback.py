@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 from sleepbot.errors import SleepbotError
 from sleepbot.neurons import neuron_matrix
 from sleepbot.sleep import Sleep, SleepStrategy, adjust_optimizer_state
-from sleepbot.sleep.optim_state import resolve_policy
 
 
 class Recorder(SleepStrategy):
@@ -236,32 +235,6 @@ def test_optimizer_state_policies_against_a_loop():
 
     adjust_optimizer_state([opt], {"l": layer}, {"l": old}, {"l": new}, "reset")
     assert layer.weight not in opt.state and layer.bias not in opt.state
-
-
-def test_auto_policy_drops_the_momentum_buffer_and_keeps_every_other_state():
-    def stepped(opt_cls, **kw):
-        layer = nn.Linear(3, 2)
-        opt = opt_cls(layer.parameters(), lr=0.1, **kw)
-        layer(torch.randn(4, 3)).sum().backward()
-        opt.step()
-        saved = {k: v.clone() for k, v in opt.state[layer.weight].items() if torch.is_tensor(v)}
-        old = neuron_matrix(layer)
-        adjust_optimizer_state([opt], {"l": layer}, {"l": old}, {"l": 2.0 * old}, "auto")
-        return layer, opt, saved
-
-    layer, opt, _ = stepped(torch.optim.SGD, momentum=0.9)
-    assert resolve_policy(opt, "auto") == "reset"
-    assert layer.weight not in opt.state and layer.bias not in opt.state
-    for cls, kw in ((torch.optim.Adam, {}), (torch.optim.SGD, {}), (torch.optim.AdamW, {})):
-        layer, opt, saved = stepped(cls, **kw)
-        assert resolve_policy(opt, "auto") == "keep"
-        for k, v in saved.items():
-            assert torch.equal(opt.state[layer.weight][k], v), (cls, k)
-    assert resolve_policy(opt, "rescale") == "rescale"  # a named policy is applied as it is
-    # `learned` asks for auto; a strategy that does not say gets keep, and a given policy wins
-    assert Sleep("learned").optimizer_state == "auto"
-    assert Sleep("linear").optimizer_state == "keep"
-    assert Sleep("learned", optimizer_state="keep").optimizer_state == "keep"
 
 
 def test_decisions_reach_the_lightning_logger(tmp_path):

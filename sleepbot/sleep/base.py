@@ -99,7 +99,7 @@ class SleepStrategy(ABC):
 
     def defaults(self) -> dict[str, Any]:
         """Callback settings preferred by this strategy: any of every_n_steps, horizon, snapshot_every, context,
-        min_context, check_batches, jump_scales, carry_history and optimizer_state (what the user leaves unset)."""
+        min_context, check_batches, jump_scales and carry_history (what the user leaves unset)."""
         return {}
 
     def validate(self, settings: SleepSettings) -> None:  # noqa: B027 - optional hook

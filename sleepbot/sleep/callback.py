@@ -69,7 +69,6 @@ DEFAULTS: dict[str, Any] = {
     "context": 5,
     "check_batches": 0,
     "jump_scales": None,
-    "optimizer_state": "keep",
     "carry_history": False,
 }
 
@@ -158,9 +157,7 @@ class Sleep(pl.Callback):
         context: snapshots the strategy reads (default: the strategy's, else 5).
         min_context: snapshots the strategy needs before the first sleep, when it reads histories of several
             lengths up to `context` (default: the strategy's, else `context`).
-        optimizer_state: `keep`, `reset` or `rescale` the moved parameters' optimizer state, or `auto`: the policy
-            measured for each optimizer (optim_state.py). Default: the strategy's (`auto` for `learned`), else
-            `keep`.
+        optimizer_state: `keep`, `reset` or `rescale` the moved parameters' optimizer state (optim_state.py).
         check_batches: held training batches on which the loss is compared before and after a jump (0: none;
             default: the strategy's, else 0).
         tolerance: relative loss rise allowed before a jump is rolled back.
@@ -220,7 +217,7 @@ class Sleep(pl.Callback):
         snapshot_every: int | None = None,
         context: int | None = None,
         min_context: int | None = None,
-        optimizer_state: str | None = None,
+        optimizer_state: str = "keep",
         check_batches: int | None = None,
         tolerance: float = 0.0,
         loss_fn: LossFn | None = None,
@@ -279,9 +276,7 @@ class Sleep(pl.Callback):
             resolved["every_n_steps"], int(start_step), stop_step
         )
         self.strategy.validate(self.settings)
-        self.optimizer_state = check_policy(
-            str(preferred["optimizer_state"]) if optimizer_state is None else optimizer_state
-        )
+        self.optimizer_state = check_policy(optimizer_state)
         self.check_batches = int(check_batches)
         self.tolerance = float(tolerance)
         self.loss_fn = loss_fn or default_loss

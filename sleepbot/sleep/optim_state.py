@@ -10,13 +10,6 @@ Three policies, for the parameters of the layers that were moved (other paramete
   the jump (r^2 for second moments: Adam's `exp_avg_sq` and `max_exp_avg_sq`, RMSprop's `square_avg`,
   Adagrad's `sum`), so the state keeps its size relative to a neuron whose scale the jump changed (noise,
   square_normalize). For a forecast jump r is close to 1 and this is close to `keep`.
-- `auto`: the policy measured best for the learned jump, per optimizer (`resolve_policy`): `reset` for SGD with
-  momentum, `keep` for every other optimizer. On development seeds 800-809 (configs/compare_select_state*.yaml,
-  docs/select/select_state*.md; the shipped forecaster 5 snapshots ahead every 50 steps; speedup over the base
-  optimizer alone): SGD+momentum on digits-cnn3 keep 1.14x, reset 1.25x, rescale 0.97x; Adam on digits / mnist1d
-  keep 1.26x / 1.05x, reset 0.87x / 0.94x, rescale 1.08x / 1.04x; on Schedule-Free (vs it alone) keep 0.93x /
-  1.00x, reset 0.78x / 0.94x, rescale 0.93x / 0.79x. The momentum buffer carries the velocity of the path the jump
-  skipped along; dropped, the run restarts from rest at the jumped point.
 
 Schedule-Free optimizers (schedulefree's AdamWScheduleFree and kin, told apart by `is_schedule_free`) keep two
 sequences and the parameters show a mix of them. Their per-parameter state is `z` (the base sequence) and
@@ -45,7 +38,7 @@ from sleepbot.errors import SleepbotError
 from sleepbot.models import is_schedule_free
 from sleepbot.neurons import has_bias
 
-OPTIMIZER_STATE_POLICIES = ("keep", "reset", "rescale", "auto")
+OPTIMIZER_STATE_POLICIES = ("keep", "reset", "rescale")
 _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta")
 
 
@@ -55,15 +48,6 @@ def check_policy(policy: str) -> str:
             f"unknown optimizer_state {policy!r}; valid: {', '.join(OPTIMIZER_STATE_POLICIES)}"
         )
     return policy
-
-
-def resolve_policy(opt: torch.optim.Optimizer, policy: str) -> str:
-    """The policy applied to `opt`: `policy` itself, or for `auto` the one measured for it (module docstring)."""
-    if policy != "auto":
-        return policy
-    if isinstance(opt, torch.optim.SGD) and any(float(g.get("momentum") or 0.0) > 0 for g in opt.param_groups):
-        return "reset"
-    return "keep"
 
 
 @torch.no_grad()
@@ -84,19 +68,18 @@ def adjust_optimizer_state(
         layers: the moved layers by name.
         old: each layer's neuron matrix before the jump, [N, F].
         new: after the jump, [N, F].
-        policy: `keep`, `reset`, `rescale` or `auto` (per optimizer, see `resolve_policy`).
+        policy: `keep`, `reset` or `rescale`.
     """
     check_policy(policy)
     for opt in optimizers:
-        policy_here = resolve_policy(opt, policy)
         if is_schedule_free(opt):
-            _adjust_schedule_free(opt, layers, old, new, policy_here)
+            _adjust_schedule_free(opt, layers, old, new, policy)
             continue
-        if policy_here == "keep":
+        if policy == "keep":
             continue
         for name, module in layers.items():
             params = [module.weight] + ([module.bias] if has_bias(module) else [])
-            if policy_here == "reset":
+            if policy == "reset":
                 for p in params:
                     opt.state.pop(p, None)
                 continue
