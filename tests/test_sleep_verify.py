@@ -47,7 +47,11 @@ def test_a_jump_that_hurts_is_undone_k_steps_later_bit_for_bit():
     module, t = _fit([cb], max_steps=14)  # jump at 10, verdict at 14
     jump, verdict = cb.events
     assert jump["step"] == 10 and jump["accepted"] and jump["kept"] is False
-    assert verdict["step"] == 14 and not verdict["accepted"] and verdict["reason"].startswith("verify: rolled back")
+    assert (
+        verdict["step"] == 14
+        and not verdict["accepted"]
+        and verdict["reason"].startswith("verify: rolled back")
+    )
     assert verdict["loss_after"] > verdict["loss_before"] == jump["loss_before"]
     # back where the run was before the jump: a run without sleep stopped at step 10
     ref_module, ref = _fit([], max_steps=10)
@@ -82,7 +86,9 @@ class BNState(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            self.state = {k: v.clone() for k, v in pl_module.state_dict().items() if "running" in k or "batches" in k}
+            self.state = {
+                k: v.clone() for k, v in pl_module.state_dict().items() if "running" in k or "batches" in k
+            }
 
 
 def test_the_verdict_leaves_batchnorm_statistics_as_training_left_them():
