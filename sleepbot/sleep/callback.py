@@ -97,17 +97,6 @@ RESUMABLE = (
 )
 
 
-def _to_cpu(tree: Any) -> Any:
-    """A copy of a nest of dicts / lists / tensors with every tensor on the CPU (for a checkpoint)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree
-
-
 def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
     """`t` in the dtype jumps are computed in: float32 for bf16/fp16 weights, float64 and float32 as they are."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
@@ -200,8 +189,10 @@ class Sleep(pl.Callback):
             run is back at the weights it had before the jump, k steps later. An LR scheduler is not rewound.
             Needs check_batches >= 1 and no `jump_scales`; must be smaller than `every_n_steps` (a sleep the
             schedule names while a verdict is pending is skipped). Best a multiple of `snapshot_every`: after a
-            rollback the history restarts on the jump's snapshot grid, so off it one snapshot fewer is ready. Its cost, `check_batches` forward passes at
-            the jump and again at the verdict (twice with BatchNorm), is in the events' `forwards`.
+            rollback the history restarts on the jump's snapshot grid, so off it one snapshot fewer is ready.
+            Its cost, `check_batches` forward passes at the jump and again at the verdict (twice with
+            BatchNorm), is in the events' `forwards`. Off by default: measured slower than no check (README,
+            "Choosing the default jump").
         **options: the strategy's own options when it is given by name (e.g. alpha=0.01 for `noise`).
     """
 
@@ -408,7 +399,7 @@ class Sleep(pl.Callback):
             "plateau": self._plateau,
             "events": [dict(e) for e in self.events],
             "strategy": self.strategy.state_dict(),
-            "pending": None if self._pending is None else _to_cpu(self._pending),
+            "pending": None if self._pending is None else move_data_to_device(self._pending, "cpu"),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

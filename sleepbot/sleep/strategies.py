@@ -230,6 +230,10 @@ class Learned(SleepStrategy):
         # and another optimizer-state policy than `keep` (configs/compare_select_state*.yaml): `reset` and
         # `rescale` lose on Adam and Schedule-Free, and on SGD+momentum over seeds 800-819 keep 1.13x, reset 1.04x,
         # rescale 0.96x.
+        # On twice the seeds (800-819, configs/compare_select_horizon*.yaml) the horizon-5 default no longer has
+        # the best worst case: horizon 5 1.20x, 1.01x, 1.13x, 0.94x, 0.78x; horizon 2 1.26x, 1.07x, 1.02x, 1.00x,
+        # 0.90x; horizon 20 1.11x, 0.98x, 0.71x, 0.94x, 0.26x. Not changed yet: see the README ("Choosing the
+        # default jump") for why, and what a change needs.
         out = {"context": int(f.context), "horizon": int(horizon)}
         least = self._min_context()
         if least < f.context:
