@@ -327,6 +327,13 @@ def test_learned_refuses_settings_its_forecaster_was_not_trained_for(tmp_path):
         MLPForecaster(context=4, horizons=(2, 5, 10, 20), snapshot_every=3, default_horizon=10), far
     )
     assert Sleep("learned", forecaster=str(far)).horizon == 10
+    # the shipped forecaster, named or not, jumps SHIPPED_HORIZON ahead, not its checkpoint's default_horizon
+    from sleepbot.forecast.checkpoint import DEFAULT_PATH
+    from sleepbot.sleep.strategies import SHIPPED_HORIZON
+
+    assert Sleep("learned").horizon == SHIPPED_HORIZON == 2
+    assert Sleep("learned", forecaster=str(DEFAULT_PATH)).horizon == SHIPPED_HORIZON
+    assert Sleep("learned").strategy.model.default_horizon == 5
     with pytest.raises(SleepbotError, match="up to 2 snapshots ahead"):
         Sleep("learned", forecaster=str(mlp), horizon=3)
 
