@@ -874,13 +874,13 @@ class Sleep(pl.Callback):
 
     @staticmethod
     def _restore_state(trainer: pl.Trainer, pl_module: pl.LightningModule, saved: dict[str, Any]) -> None:
-        with torch.no_grad():
-            pl_module.load_state_dict(saved["module"])  # copies in place: the optimizers' parameters stay
-        if len(saved["optimizers"]) != len(trainer.optimizers):
+        if len(saved["optimizers"]) != len(trainer.optimizers):  # checked first: nothing restored by half
             raise SleepbotError(
                 f"sleep verify_after saved {len(saved['optimizers'])} optimizers' state at the jump, and the "
                 f"trainer has {len(trainer.optimizers)} now"
             )
+        with torch.no_grad():
+            pl_module.load_state_dict(saved["module"])  # copies in place: the optimizers' parameters stay
         for opt, state in zip(trainer.optimizers, saved["optimizers"]):
             opt.load_state_dict(state)
 
