@@ -9,6 +9,12 @@ forecast; the true displacement D shrunk per layer to the forecast's projection 
 with each neuron's forecast-error size (a forecast of the same R2_disp whose errors are harmless); and the weights
 now plus the forecast's error alone. It prints the training loss and validation accuracy of each, and each
 layer's R2_disp and cosine. Used for the README's "Why a better R2 is not a faster run".
+
+With --hessian-top K it also finds the K steepest directions at w(t) (the top eigenvectors of the training loss's
+Hessian over the whole training split, by scipy's Lanczos `eigsh` on exact Hessian-vector products in float64:
+about a minute per step for K = 40 on 2 cores) and scores the forecast and the true future with their components
+along those directions removed, and prints how much of each displacement, and of the forecast's error, lies in
+them. It answers: is the forecast's harm in a few steep directions, and what is left of its gain without them?
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         "--horizon", type=int, default=20, help="snapshots ahead (the forecast's and the oracle's)"
     )
     p.add_argument("--seed", type=int, default=0, help="of the isotropic noise")
+    p.add_argument(
+        "--hessian-top",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="K",
+        help="also remove the top-K Hessian directions from the forecast and the future (e.g. 10 40)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -78,6 +92,21 @@ def main(argv: list[str] | None = None) -> int:
             "D + isotropic noise of the error's size": {k: now[k] + d[k] + noise[k] for k in w},
             "now + the forecast's error": {k: now[k] + err[k] for k in w},
         }
+        steep = {}
+        if args.hessian_top:
+            vecs = top_hessian_directions(model, now, max(args.hessian_top), every)  # [P, K] float64
+            flat = lambda m: torch.cat([m[k].reshape(-1).double() for k in w])  # noqa: E731
+            df, do, de = flat(fcst) - flat(now), flat(d), flat(err)
+            for k in sorted(set(args.hessian_top)):
+                v = vecs[:, :k]
+                for name, x in (("forecast", df), ("oracle", do)):
+                    points[f"{name} without the top {k} Hessian directions"] = unflat(
+                        flat(now) + x - v @ (v.T @ x), w
+                    )
+                steep[k] = {
+                    name: float((v.T @ x).pow(2).sum() / x.pow(2).sum().clamp_min(1e-300))
+                    for name, x in (("forecast", df), ("true displacement", do), ("forecast error", de))
+                }
         row = {
             "step": t,
             "r2_disp": {k: 1 - float(err[k].pow(2).sum() / d[k].pow(2).sum()) for k in w},
@@ -92,10 +121,61 @@ def main(argv: list[str] | None = None) -> int:
             s = score(mats)
             row["points"][name] = s
             print(f"  {name:42s} train loss {s['train_loss']:.4f}  val acc {s['val_acc']:.4f}")
+        for k, shares in steep.items():
+            print(
+                f"  share of the squared norm in the top {k} Hessian directions: "
+                + ", ".join(f"{n} {v:.4f}" for n, v in shares.items())
+            )
+        row["steep_share"] = steep
         rows.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def unflat(x: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{layer: [N, F] float32} from one flat vector in the order of `like`'s layers."""
+    out, o = {}, 0
+    for k, v in like.items():
+        n = v[0].numel()
+        out[k] = x[o : o + n].reshape(v.shape[1:]).to(v.dtype)
+        o += n
+    return out
+
+
+def top_hessian_directions(model, now: dict[str, torch.Tensor], k: int, idx: torch.Tensor) -> torch.Tensor:
+    """The top-k eigenvectors [P, k] (largest eigenvalue first) of the Hessian of the mean training loss on
+    examples `idx` at the neuron matrices `now`, in the flat order of `now`'s layers."""
+    import copy
+
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    m64 = copy.copy(model)
+    m64.module = copy.deepcopy(model.module).double()
+    m64.other = {n: t.double() for n, t in model.other.items()}
+    m64.x = model.x.double()
+    names = list(now)
+    shapes = {n: now[n].shape for n in names}
+    sizes = {n: now[n].numel() for n in names}
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        mats, o = {}, 0
+        for n in names:
+            mats[n] = x[o : o + sizes[n]].reshape(shapes[n])
+            o += sizes[n]
+        return m64.loss(mats, idx)
+
+    x0 = torch.cat([now[n].reshape(-1).double() for n in names])
+    grad = torch.func.grad(loss)
+
+    def hvp(v: np.ndarray) -> np.ndarray:
+        return torch.func.jvp(grad, (x0,), (torch.as_tensor(v, dtype=torch.float64).reshape(-1),))[1].numpy()
+
+    n = x0.numel()
+    vals, vecs = eigsh(LinearOperator((n, n), matvec=hvp, dtype=np.float64), k=k, which="LA", tol=1e-3)
+    order = np.argsort(-vals)
+    return torch.as_tensor(np.ascontiguousarray(vecs[:, order]))
 
 
 if __name__ == "__main__":

@@ -183,9 +183,36 @@ def test_the_loss_objective_learns_jumps_that_lower_the_loss(corpus, tmp_path):
                 "4",
                 "--json",
                 str(rows_path),
+                "--hessian-top",
+                "3",
             ]
         )
         == 0
     )
     (row,) = json.loads(rows_path.read_text())
     assert row["step"] == 40 and "oracle (step 80)" in row["points"] and len(row["r2_disp"]) == 3
+    assert "forecast without the top 3 Hessian directions" in row["points"]
+    assert all(0.0 <= v <= 1.0 for v in row["steep_share"]["3"].values())
+
+    # the directions it removes are the steepest: orthonormal, and curved more than any random direction
+    model = RunModel(run)
+    with RunFile(run.path) as f:
+        i = list(f.snapshot_steps).index(40)
+        now = {layer.name: torch.as_tensor(f.weights(layer.name)[i]) for layer in run.layers}
+    idx = torch.arange(len(model.y))
+    vecs = diag.top_hessian_directions(model, now, 3, idx)  # [P, 3]
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(3, dtype=vecs.dtype), atol=1e-6, rtol=0)
+    flat0 = torch.cat([v.reshape(-1) for v in now.values()]).double()
+
+    def curvature(v):  # v^T H v by finite differences of the loss along v (unit v)
+        def at(x):
+            with torch.no_grad():
+                return float(model.loss(diag.unflat(x, {k: t[None] for k, t in now.items()}), idx))
+
+        e = 1e-2
+        return (at(flat0 + e * v) - 2 * at(flat0) + at(flat0 - e * v)) / e**2
+
+    top = curvature(vecs[:, 0])
+    g = torch.Generator().manual_seed(0)
+    rand = [curvature(r / r.norm()) for r in torch.randn(5, flat0.numel(), generator=g, dtype=torch.float64)]
+    assert top > 10 * max(rand), (top, rand)

@@ -6,7 +6,8 @@
 
 Modules: `base` (the Forecaster interface and registry), `baselines` (persistence, linear, WNN-style MLP), `lstm`
 (the LSTM forecaster), `multiscale` (the long-history LSTM forecaster), `windows` (the windows dataset over run files, split by run), `module` (ForecasterModule,
-train_forecaster), `evaluate` (R2_disp and cosine tables), `checkpoint` (save/load, weights_only).
+train_forecaster), `evaluate` (R2_disp and cosine tables), `checkpoint` (save/load, weights_only), `state`
+(what the optimizer's recorded state adds to a linear forecast: scripts/state_ablation.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,221 @@
+"""What the optimizer's state at a snapshot says about where the weights go next, and whether a forecaster gains by
+reading it (issue 11: "what it reads ... the optimizer's state at the snapshot, such as Adam's m/sqrt(v) or the
+momentum buffer").
+
+`optimizer_step` turns a recorded state (`collect` with `record.optimizer_state: true`) into the update it points
+to, in weight units: the update the optimizer applied last, recomputed from its state,
+
+    Adam:  -lr_t * m_hat / (sqrt(v_hat) + eps)      (m_hat, v_hat bias-corrected at the snapshot's step)
+    AdamW: the same, plus its decoupled decay -lr_t * weight_decay * w
+    SGD with momentum: -lr_t * momentum_buffer
+
+with lr_t the scheduled lr at that step (the run's recorded `metrics/lr`). Snapshots are 10 steps apart, so this one
+step, smoothed by the optimizer's own averages (Adam's m, the momentum buffer: about 10 steps of memory at beta
+0.9), is a finer reading of the run's velocity than the snapshot differences. `state_ablation` asks, on recorded
+runs, how much of the future displacement a linear forecaster explains from the weight history alone (the 9
+multiscale trend features of `sleepbot.forecast.multiscale`) and from the history plus this step: one pooled
+least-squares mix per optimizer and horizon, fitted on some runs and scored (R2_disp, in weight units, as
+`evaluate-forecaster` scores) on the others. It is the `none` mixer of the multiscale forecaster with one more
+feature, so what it finds bounds nothing from above, but it says whether the state carries information the history
+lacks. `scripts/state_ablation.py` prints the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from sleepbot.errors import SleepbotError
+from sleepbot.forecast.base import neuron_scale
+from sleepbot.forecast.multiscale import N_FEATURES, trend_features
+
+STATE_OPTIMIZERS = ("adam", "adamw", "momentum")
+_FEATURE_SETS = {
+    "history": list(range(N_FEATURES)),
+    "history+state": list(range(N_FEATURES + 1)),
+    "state alone": [N_FEATURES],
+}
+
+
+def optimizer_step(
+    optimizer: str,
+    state: dict[str, torch.Tensor],
+    *,
+    lr: float,
+    step: int,
+    weights: torch.Tensor | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> torch.Tensor:
+    """The update the optimizer applied last, recomputed from its state after `step` updates (tested equal to
+    torch's Adam and SGD+momentum; AdamW's decay is taken at `weights`, the weights after the update).
+
+    Args:
+        optimizer: `adam`, `adamw` or `momentum` (sleepbot's names, as recorded in a run's attrs).
+        state: the recorded per-parameter state: `exp_avg` and `exp_avg_sq` (Adam, AdamW) or `momentum_buffer`.
+        lr: the lr in force at that step.
+        step: updates taken so far (Adam's bias correction); 0 gives a zero step.
+        weights: the weights at that step (AdamW's decay), same shape as the state.
+    """
+    if optimizer not in STATE_OPTIMIZERS:
+        raise SleepbotError(
+            f"no optimizer step can be read from the state of {optimizer!r}; valid: {', '.join(STATE_OPTIMIZERS)}"
+        )
+    need = ("momentum_buffer",) if optimizer == "momentum" else ("exp_avg", "exp_avg_sq")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise SleepbotError(
+            f"the {optimizer} state lacks {', '.join(missing)}; record it with record.optimizer_state: true"
+        )
+    if optimizer == "momentum":
+        return -lr * state["momentum_buffer"]
+    if step < 1:
+        return torch.zeros_like(state["exp_avg"])
+    b1, b2 = betas
+    m_hat = state["exp_avg"] / (1 - b1**step)
+    v_hat = state["exp_avg_sq"] / (1 - b2**step)
+    out = -lr * m_hat / (v_hat.sqrt() + eps)
+    if optimizer == "adamw" and weight_decay:
+        if weights is None:
+            raise SleepbotError("adamw's step needs the weights (its decoupled weight decay)")
+        out = out - lr * weight_decay * weights
+    return out
+
+
+def run_windows(
+    path: str,
+    horizons: Sequence[int],
+    context: int = 20,
+    stride: int = 2,
+    smooth: int = 5,
+) -> tuple[str, list[tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]]]:
+    """(optimizer, windows) of one recorded run: per window, X [weights, 10] (the 9 trend features and the
+    optimizer's step, every column in weight units) and per horizon h the true displacement at t + h and its
+    smoothed version (the mean of the `smooth` snapshots up to t + h, minus w(t)), each [weights]. Windows end every
+    `stride` snapshots from the `context`-th on, while t + h stays inside the run for the largest h."""
+    from sleepbot.store import RunFile
+
+    with RunFile(path) as f:
+        opt = str(f.attrs.get("optimizer", ""))
+        if opt not in STATE_OPTIMIZERS:
+            raise SleepbotError(
+                f"{path!r} was trained with {opt!r}; the state ablation reads {', '.join(STATE_OPTIMIZERS)}"
+            )
+        model = (f.attrs.get("config") or {}).get("model", {})
+        betas = (0.9, 0.999)
+        wd = float(model.get("weight_decay", 0.0)) if opt == "adamw" else 0.0
+        steps = np.asarray(f.snapshot_steps)
+        lr_by_step = np.asarray(f.metrics["lr"])  # [T], the lr in force at each step
+        layers = list(f.layers)
+        keys = ("momentum_buffer",) if opt == "momentum" else ("exp_avg", "exp_avg_sq")
+        data = []
+        for layer in layers:
+            have = f.layer_info(layer)["arrays"]
+            if any(f"optim/{k}" not in have for k in keys):
+                raise SleepbotError(
+                    f"{path!r} holds no optimizer state for {layer} (arrays: {', '.join(have)}); collect with "
+                    f"record.optimizer_state: true"
+                )
+            w = torch.as_tensor(f.weights(layer)).double()
+            st = {k: torch.as_tensor(f.array(layer, f"optim/{k}")).double() for k in keys}
+            data.append((w, st))
+    h_max = max(horizons)
+    out = []
+    for w, st in data:
+        s = w.shape[0]
+        for t in range(context - 1, s - h_max, stride):
+            hist = w[t - context + 1 : t + 1]
+            scale = neuron_scale(hist)  # [N]
+            k = int(steps[t])
+            lr = float(lr_by_step[min(k, len(lr_by_step) - 1)])
+            u = optimizer_step(
+                opt,
+                {n: v[t] for n, v in st.items()},
+                lr=lr,
+                step=k,
+                weights=w[t],
+                betas=betas,
+                weight_decay=wd,
+            )
+            feats = [x * scale[:, None] for x in trend_features(hist, scale)] + [u]
+            x = torch.stack(feats, -1).reshape(-1, N_FEATURES + 1)
+            ys = {}
+            for h in horizons:
+                point = w[t + h] - w[t]
+                sm = w[max(t + h - smooth + 1, t + 1) : t + h + 1].mean(0) - w[t]
+                ys[h] = (point.reshape(-1), sm.reshape(-1))
+            out.append((x, ys))
+    return opt, out
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Least squares from the normal equations a x = b, rank-deficient allowed: the trend features are linearly
+    dependent (s_3 = a mix of r_2 and r_3), so a is singular. Columns are equilibrated, then the minimum-norm
+    solution is taken by SVD (gelsd)."""
+    d = a.diagonal().clamp_min(1e-300).rsqrt()  # [K]
+    sol = torch.linalg.lstsq(a * d[:, None] * d[None, :], (b * d)[:, None], rcond=1e-12, driver="gelsd")
+    return sol.solution[:, 0] * d
+
+
+def state_ablation(
+    train: Iterable[str],
+    test: Iterable[str],
+    horizons: Sequence[int] = (2, 5, 20),
+    context: int = 20,
+    stride: int = 2,
+) -> dict[str, Any]:
+    """Per optimizer, horizon, target (point / smooth) and feature set (`history`, `history+state`, `state
+    alone`): the pooled least-squares mix fitted on `train` runs, its R2_disp on the `test` runs and its R2 on the
+    training windows themselves (`fit_r2`: adding a column can never lower it).
+
+    Returns {"rows": [{optimizer, horizon, target, features, r2, fit_r2, train_runs, test_runs, windows}], ...}.
+    """
+    pools: dict[tuple[str, str], list] = {}
+    runs: dict[tuple[str, str], int] = {}
+    for split, paths in (("train", train), ("test", test)):
+        for p in paths:
+            opt, ws = run_windows(p, horizons, context, stride)
+            pools.setdefault((opt, split), []).extend(ws)
+            runs[(opt, split)] = runs.get((opt, split), 0) + 1
+    rows = []
+    for opt in sorted({o for o, _ in pools}):
+        tr, te = pools.get((opt, "train"), []), pools.get((opt, "test"), [])
+        if not tr or not te:
+            raise SleepbotError(f"the state ablation needs {opt} runs on both sides of the split")
+        for h in horizons:
+            for ti, target in enumerate(("point", "smooth")):
+                for name, cols in _FEATURE_SETS.items():
+                    a = sum(x[:, cols].T @ x[:, cols] for x, _ in tr)
+                    b = sum(x[:, cols].T @ y[h][ti] for x, y in tr)
+                    coef = _solve(a, b)
+
+                    def r2(
+                        pool: list,
+                        cols: list[int] = cols,
+                        coef: torch.Tensor = coef,
+                        h: int = h,
+                        ti: int = ti,
+                    ) -> float:
+                        err = sum(float((x[:, cols] @ coef - y[h][ti]).pow(2).sum()) for x, y in pool)
+                        tot = sum(float(y[h][ti].pow(2).sum()) for _, y in pool)
+                        return 1.0 - err / max(tot, 1e-300)
+
+                    rows.append(
+                        {
+                            "optimizer": opt,
+                            "horizon": h,
+                            "target": target,
+                            "features": name,
+                            "r2": r2(te),
+                            "fit_r2": r2(tr),
+                            "coef": [float(c) for c in coef],
+                            "train_runs": runs[(opt, "train")],
+                            "test_runs": runs[(opt, "test")],
+                            "windows": len(te),
+                        }
+                    )
+    return {"horizons": list(horizons), "context": context, "stride": stride, "rows": rows}

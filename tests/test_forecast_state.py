@@ -1,0 +1,112 @@
+"""The optimizer's step read from its recorded state, and the state ablation on real recorded runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sleepbot.errors import SleepbotError
+from sleepbot.experiments import collect
+from sleepbot.forecast.state import optimizer_step, run_windows, state_ablation
+
+GRID = """
+datasets: [digits]
+archs: [small_cnn]
+groups:
+  - {name: adam, optimizers: adam, lrs: [1.0e-2], seeds: [0, 1]}
+  - {name: momentum, optimizers: momentum, lrs: [3.0e-2], seeds: [0, 1], run: {model: {momentum: 0.9}}}
+run:
+  data: {train_subset: 256}
+  trainer: {max_steps: 120, val_every_n_steps: 60}
+  record: {snapshot_every: 10, optimizer_state: STATE}
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Four real 120-step digits runs recording Adam's or SGD+momentum's state, and one without the state."""
+    root = tmp_path_factory.mktemp("state_corpus")
+    (root / "grid.yaml").write_text(GRID.replace("STATE", "true"))
+    rows = collect(root / "grid.yaml", root / "runs", workers=1, progress=False)
+    assert len(rows) == 4 and all(r.status == "trained" for r in rows)
+    (root / "plain.yaml").write_text(GRID.replace("STATE", "false").replace("seeds: [0, 1]", "seeds: [5]", 1))
+    collect(root / "plain.yaml", root / "plain", workers=1, progress=False)
+    return sorted((root / "runs").glob("*.h5")), sorted((root / "plain").glob("*adam*.h5"))
+
+
+def _last_update(opt_name, **kw):
+    """Train a small layer a few steps; return (the last update p_k - p_(k-1), the state after it, k, p_k)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    if opt_name == "momentum":
+        opt = torch.optim.SGD([p], lr=0.05, momentum=0.9)
+    elif opt_name == "adamw":
+        opt = torch.optim.AdamW([p], lr=0.05, weight_decay=kw["weight_decay"])
+    else:
+        opt = torch.optim.Adam([p], lr=0.05)
+    target = torch.randn(4, 3)
+    for _ in range(7):
+        before = p.detach().clone()
+        opt.zero_grad()
+        ((p - target) ** 2 * torch.arange(1.0, 13.0).view(4, 3)).sum().backward()
+        opt.step()
+    state = {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and v.shape == p.shape}
+    return p.detach() - before, state, 7, p.detach().clone(), before
+
+
+@pytest.mark.parametrize("name", ["adam", "momentum"])
+def test_the_step_read_from_the_state_is_the_update_just_applied(name):
+    update, state, k, _, _ = _last_update(name)
+    got = optimizer_step(name, state, lr=0.05, step=k)
+    torch.testing.assert_close(got, update, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_adds_its_decoupled_decay():
+    update, state, k, p_now, p_before = _last_update("adamw", weight_decay=0.5)
+    got = optimizer_step("adamw", state, lr=0.05, step=k, weights=p_before, weight_decay=0.5)
+    torch.testing.assert_close(got, update, rtol=1e-5, atol=1e-7)
+    plain = optimizer_step("adam", state, lr=0.05, step=k)
+    assert (got - plain).abs().max() > 1e-3  # the decay term is not negligible here, so the test can tell
+
+
+def test_bad_optimizers_and_missing_state_are_one_line_errors():
+    with pytest.raises(SleepbotError, match="valid: adam, adamw, momentum"):
+        optimizer_step("sgd", {}, lr=0.1, step=3)
+    with pytest.raises(SleepbotError, match="lacks exp_avg_sq.*optimizer_state: true"):
+        optimizer_step("adam", {"exp_avg": torch.zeros(2)}, lr=0.1, step=3)
+
+
+def test_recorded_state_points_where_the_run_goes(runs):
+    """On a real run, the step read from the state at a snapshot points along the run's next 10 steps."""
+    paths, _ = runs
+    for path in paths:
+        opt, windows = run_windows(str(path), horizons=(1,), context=5, stride=1)
+        assert opt in ("adam", "momentum")
+        cos = []
+        for x, ys in windows:
+            u, d = x[:, -1], ys[1][0]
+            cos.append(float(u @ d / (u.norm() * d.norm())))
+        assert sum(cos) / len(cos) > 0.3, (path.name, cos)
+
+
+def test_ablation_fits_nested_feature_sets_and_scores_held_out_runs(runs):
+    paths, _ = runs
+    train = [str(p) for p in paths if p.name.endswith("-s0.h5")]
+    test = [str(p) for p in paths if p.name.endswith("-s1.h5")]
+    assert len(train) == 2 and len(test) == 2
+    out = state_ablation(train, test, horizons=(1, 3), context=5, stride=1)
+    rows = {(r["optimizer"], r["horizon"], r["target"], r["features"]): r for r in out["rows"]}
+    assert len(rows) == 2 * 2 * 2 * 3
+    for (opt, h, target, feats), r in rows.items():
+        assert r["train_runs"] == 1 and r["test_runs"] == 1 and r["windows"] > 0
+        assert r["r2"] == r["r2"] and r["r2"] <= 1.0  # finite, and no better than perfect
+        # least squares: a superset of columns never fits the training data worse
+        if feats == "history+state":
+            for sub in ("history", "state alone"):
+                assert r["fit_r2"] >= rows[(opt, h, target, sub)]["fit_r2"] - 1e-9
+
+
+def test_runs_without_the_state_are_refused_by_name(runs):
+    _, plain = runs
+    with pytest.raises(SleepbotError, match="holds no optimizer state.*record.optimizer_state: true"):
+        run_windows(str(plain[0]), horizons=(1,), context=5)
