@@ -7,7 +7,8 @@ Runs with seed --test-seed are scored; every other run fits. Per optimizer (Adam
 warm-up + cosine counts as Adam) and horizon (2, 5, 20 snapshots), one pooled least-squares mix of: the 9 trend
 features of the multiscale forecaster over the last 20 snapshots (`history`); those plus the step the optimizer's
 state points to (`history+state`: Adam's -lr m_hat / sqrt(v_hat), the momentum buffer times -lr); the state's step
-alone. Scored by R2_disp against the point future and the smoothed one (the mean of the 5 snapshots up to t + h),
+alone; the history plus its 4 slopes at rank --layer-rank over the layer's neurons (`history+layer`, the
+cheapest neuron interaction). Scored by R2_disp against the point future and the smoothed one (the mean of the 5 snapshots up to t + h),
 pooled over layers and windows (sleepbot.forecast.state). Prints a markdown table; --json keeps every row.
 """
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizons", type=int, nargs="+", default=[2, 5, 20])
     p.add_argument("--context", type=int, default=20)
     p.add_argument("--stride", type=int, default=2, help="snapshots between window ends")
+    p.add_argument("--layer-rank", type=int, default=2, help="rank of the layer-level slopes")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     args = p.parse_args(argv)
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         (test if seed == args.test_seed else train).append(str(path))
     t0 = time.perf_counter()
     try:
-        out = state_ablation(train, test, args.horizons, args.context, args.stride)
+        out = state_ablation(train, test, args.horizons, args.context, args.stride, args.layer_rank)
     except SleepbotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -60,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["optimizer"], r["horizon"], r["target"], r["features"]): r for r in out["rows"]}
     opts = sorted({r["optimizer"] for r in out["rows"]})
     lines = [
-        "| optimizer | runs fit / scored | horizon | history | history + state | state alone | "
-        "history (smooth) | history + state (smooth) | state alone (smooth) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | runs fit / scored | horizon | history | history + state | state alone | history + layer | "
+        "history (smooth) | history + state (smooth) | state alone (smooth) | history + layer (smooth) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in opts:
         for h in args.horizons:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = [
                 f"{by[(o, h, t, f)]['r2']:.3f}"
                 for t in ("point", "smooth")
-                for f in ("history", "history+state", "state alone")
+                for f in ("history", "history+state", "state alone", "history+layer")
             ]
             lines.append(
                 f"| {o} | {r0['train_runs']} / {r0['test_runs']} | {h} | " + " | ".join(cells) + " |"

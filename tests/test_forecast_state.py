@@ -96,14 +96,25 @@ def test_ablation_fits_nested_feature_sets_and_scores_held_out_runs(runs):
     assert len(train) == 2 and len(test) == 2
     out = state_ablation(train, test, horizons=(1, 3), context=5, stride=1)
     rows = {(r["optimizer"], r["horizon"], r["target"], r["features"]): r for r in out["rows"]}
-    assert len(rows) == 2 * 2 * 2 * 3
+    assert len(rows) == 2 * 2 * 2 * 4
     for (opt, h, target, feats), r in rows.items():
         assert r["train_runs"] == 1 and r["test_runs"] == 1 and r["windows"] > 0
         assert r["r2"] == r["r2"] and r["r2"] <= 1.0  # finite, and no better than perfect
         # least squares: a superset of columns never fits the training data worse
-        if feats == "history+state":
-            for sub in ("history", "state alone"):
-                assert r["fit_r2"] >= rows[(opt, h, target, sub)]["fit_r2"] - 1e-9
+        subsets = {"history+state": ("history", "state alone"), "history+layer": ("history",)}
+        for sub in subsets.get(feats, ()):
+            assert r["fit_r2"] >= rows[(opt, h, target, sub)]["fit_r2"] - 1e-9
+
+
+def test_low_rank_keeps_what_the_neurons_share():
+    from sleepbot.forecast.state import _low_rank
+
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(16, 2, generator=g) @ torch.randn(2, 9, generator=g)  # rank 2: what 16 neurons share
+    noisy = shared + 0.01 * torch.randn(16, 9, generator=g)
+    assert (_low_rank(noisy, 2) - shared).norm() < (noisy - shared).norm()  # the SVD drops most of the noise
+    torch.testing.assert_close(_low_rank(shared, 2), shared, atol=1e-5, rtol=0)
+    assert torch.linalg.matrix_rank(_low_rank(noisy, 1)) == 1
 
 
 def test_runs_without_the_state_are_refused_by_name(runs):

@@ -13,11 +13,13 @@ with lr_t the scheduled lr at that step (the run's recorded `metrics/lr`). Snaps
 step, smoothed by the optimizer's own averages (Adam's m, the momentum buffer: about 10 steps of memory at beta
 0.9), is a finer reading of the run's velocity than the snapshot differences. `state_ablation` asks, on recorded
 runs, how much of the future displacement a linear forecaster explains from the weight history alone (the 9
-multiscale trend features of `sleepbot.forecast.multiscale`) and from the history plus this step: one pooled
+multiscale trend features of `sleepbot.forecast.multiscale`), from the history plus this step, and from the history
+plus the layer's low-rank version of its slopes (the cheapest neuron interaction: what the layer's neurons move
+along together, denoised by a truncated SVD of the layer's [neurons, inputs] slope matrix): one pooled
 least-squares mix per optimizer and horizon, fitted on some runs and scored (R2_disp, in weight units, as
-`evaluate-forecaster` scores) on the others. It is the `none` mixer of the multiscale forecaster with one more
-feature, so what it finds bounds nothing from above, but it says whether the state carries information the history
-lacks. `scripts/state_ablation.py` prints the table.
+`evaluate-forecaster` scores) on the others. It is the `none` mixer of the multiscale forecaster with more
+features, so what it finds bounds nothing from above, but it says whether the state or the layer carries
+information that the neuron's own history lacks. `scripts/state_ablation.py` prints the table.
 """
 
 from __future__ import annotations
@@ -30,13 +32,20 @@ import torch
 
 from sleepbot.errors import SleepbotError
 from sleepbot.forecast.base import neuron_scale
-from sleepbot.forecast.multiscale import N_FEATURES, trend_features
+from sleepbot.forecast.multiscale import N_FEATURES, R_WINDOWS, trend_features
 
 STATE_OPTIMIZERS = ("adam", "adamw", "momentum")
-_FEATURE_SETS = {
+# Columns of a window's X: the 9 trend features (r_k then s_k), the state's step, then the slopes s_k replaced by
+# their best low-rank approximation over the layer's neurons.
+_SLOPES = list(range(len(R_WINDOWS), N_FEATURES))  # s_k for k in S_WINDOWS
+_STATE = N_FEATURES  # the state's step
+_LAYER = list(range(N_FEATURES + 1, N_FEATURES + 1 + len(_SLOPES)))  # the slopes' low-rank layer versions
+N_COLUMNS = N_FEATURES + 1 + len(_SLOPES)
+FEATURE_SETS = {
     "history": list(range(N_FEATURES)),
-    "history+state": list(range(N_FEATURES + 1)),
-    "state alone": [N_FEATURES],
+    "history+state": list(range(N_FEATURES)) + [_STATE],
+    "state alone": [_STATE],
+    "history+layer": list(range(N_FEATURES)) + _LAYER,
 }
 
 
@@ -92,9 +101,11 @@ def run_windows(
     context: int = 20,
     stride: int = 2,
     smooth: int = 5,
+    layer_rank: int = 2,
 ) -> tuple[str, list[tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]]]:
-    """(optimizer, windows) of one recorded run: per window, X [weights, 10] (the 9 trend features and the
-    optimizer's step, every column in weight units) and per horizon h the true displacement at t + h and its
+    """(optimizer, windows) of one recorded run: per window, X [weights, 14] (the 9 trend features, the
+    optimizer's step, and the 4 slopes at rank `layer_rank` over the layer; every column in weight units) and per
+    horizon h the true displacement at t + h and its
     smoothed version (the mean of the `smooth` snapshots up to t + h, minus w(t)), each [weights]. Windows end every
     `stride` snapshots from the `context`-th on, while t + h stays inside the run for the largest h."""
     from sleepbot.store import RunFile
@@ -142,7 +153,8 @@ def run_windows(
                 weight_decay=wd,
             )
             feats = [x * scale[:, None] for x in trend_features(hist, scale)] + [u]
-            x = torch.stack(feats, -1).reshape(-1, N_FEATURES + 1)
+            feats += [_low_rank(feats[i], layer_rank) for i in _SLOPES]
+            x = torch.stack(feats, -1).reshape(-1, N_COLUMNS)
             ys = {}
             for h in horizons:
                 point = w[t + h] - w[t]
@@ -150,6 +162,14 @@ def run_windows(
                 ys[h] = (point.reshape(-1), sm.reshape(-1))
             out.append((x, ys))
     return opt, out
+
+
+def _low_rank(m: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-`rank` approximation of a layer's [N, F] matrix (truncated SVD): what the layer's neurons move
+    along together, the rest (each neuron's own, mostly noise) dropped."""
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = min(rank, s.numel())
+    return (u[:, :r] * s[:r]) @ vh[:r]
 
 
 def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -167,9 +187,10 @@ def state_ablation(
     horizons: Sequence[int] = (2, 5, 20),
     context: int = 20,
     stride: int = 2,
+    layer_rank: int = 2,
 ) -> dict[str, Any]:
     """Per optimizer, horizon, target (point / smooth) and feature set (`history`, `history+state`, `state
-    alone`): the pooled least-squares mix fitted on `train` runs, its R2_disp on the `test` runs and its R2 on the
+    alone`, `history+layer`): the pooled least-squares mix fitted on `train` runs, its R2_disp on the `test` runs and its R2 on the
     training windows themselves (`fit_r2`: adding a column can never lower it).
 
     Returns {"rows": [{optimizer, horizon, target, features, r2, fit_r2, train_runs, test_runs, windows}], ...}.
@@ -178,7 +199,7 @@ def state_ablation(
     runs: dict[tuple[str, str], int] = {}
     for split, paths in (("train", train), ("test", test)):
         for p in paths:
-            opt, ws = run_windows(p, horizons, context, stride)
+            opt, ws = run_windows(p, horizons, context, stride, layer_rank=layer_rank)
             pools.setdefault((opt, split), []).extend(ws)
             runs[(opt, split)] = runs.get((opt, split), 0) + 1
     rows = []
@@ -188,7 +209,7 @@ def state_ablation(
             raise SleepbotError(f"the state ablation needs {opt} runs on both sides of the split")
         for h in horizons:
             for ti, target in enumerate(("point", "smooth")):
-                for name, cols in _FEATURE_SETS.items():
+                for name, cols in FEATURE_SETS.items():
                     a = sum(x[:, cols].T @ x[:, cols] for x, _ in tr)
                     b = sum(x[:, cols].T @ y[h][ti] for x, y in tr)
                     coef = _solve(a, b)
@@ -218,4 +239,10 @@ def state_ablation(
                             "windows": len(te),
                         }
                     )
-    return {"horizons": list(horizons), "context": context, "stride": stride, "rows": rows}
+    return {
+        "horizons": list(horizons),
+        "context": context,
+        "stride": stride,
+        "layer_rank": layer_rank,
+        "rows": rows,
+    }
