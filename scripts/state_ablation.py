@@ -8,7 +8,9 @@ warm-up + cosine counts as Adam) and horizon (2, 5, 20 snapshots), one pooled le
 features of the multiscale forecaster over the last 20 snapshots (`history`); those plus the step the optimizer's
 state points to (`history+state`: Adam's -lr m_hat / sqrt(v_hat), the momentum buffer times -lr); the state's step
 alone; the history plus its 4 slopes at rank --layer-rank over the layer's neurons (`history+layer`, the
-cheapest neuron interaction). Scored by R2_disp against the point future and the smoothed one (the mean of the 5 snapshots up to t + h),
+cheapest neuron interaction); the history plus the step the optimizer would take with the gradient of the whole
+training split at the snapshot, with and without the state's (`--no-gradient` skips these: the replay triples the
+time). Scored by R2_disp against the point future and the smoothed one (the mean of the 5 snapshots up to t + h),
 pooled over layers and windows (sleepbot.forecast.state). Prints a markdown table; --json keeps every row.
 """
 
@@ -29,12 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=20)
     p.add_argument("--stride", type=int, default=2, help="snapshots between window ends")
     p.add_argument("--layer-rank", type=int, default=2, help="rank of the layer-level slopes")
+    p.add_argument(
+        "--no-gradient", action="store_true", help="skip the training-split gradient's feature sets"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     args = p.parse_args(argv)
 
     from sleepbot.errors import SleepbotError
-    from sleepbot.forecast.state import state_ablation
+    from sleepbot.forecast.state import FEATURE_SETS, state_ablation
     from sleepbot.store import RunFile
 
     paths = sorted(Path(args.data).glob("*.h5"))
@@ -51,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         (test if seed == args.test_seed else train).append(str(path))
     t0 = time.perf_counter()
     try:
-        out = state_ablation(train, test, args.horizons, args.context, args.stride, args.layer_rank)
+        out = state_ablation(
+            train, test, args.horizons, args.context, args.stride, args.layer_rank, not args.no_gradient
+        )
     except SleepbotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,22 +68,26 @@ def main(argv: list[str] | None = None) -> int:
 
     by = {(r["optimizer"], r["horizon"], r["target"], r["features"]): r for r in out["rows"]}
     opts = sorted({r["optimizer"] for r in out["rows"]})
-    lines = [
-        "| optimizer | runs fit / scored | horizon | history | history + state | state alone | history + layer | "
-        "history (smooth) | history + state (smooth) | state alone (smooth) | history + layer (smooth) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for o in opts:
-        for h in args.horizons:
-            r0 = by[(o, h, "point", "history")]
-            cells = [
-                f"{by[(o, h, t, f)]['r2']:.3f}"
-                for t in ("point", "smooth")
-                for f in ("history", "history+state", "state alone", "history+layer")
-            ]
-            lines.append(
-                f"| {o} | {r0['train_runs']} / {r0['test_runs']} | {h} | " + " | ".join(cells) + " |"
-            )
+    sets = [f for f in FEATURE_SETS if any(r["features"] == f for r in out["rows"])]
+    lines = []
+    for target in ("point", "smooth"):
+        lines += [
+            f"R2_disp against the {target} future"
+            + (" (the mean of the 5 snapshots up to t + h)" * (target == "smooth")),
+            "",
+            "| optimizer | runs fit / scored | horizon | "
+            + " | ".join(s.replace("+", " + ") for s in sets)
+            + " |",
+            "|---|---|---|" + "---|" * len(sets),
+        ]
+        for o in opts:
+            for h in args.horizons:
+                r0 = by[(o, h, target, "history")]
+                cells = [f"{by[(o, h, target, f)]['r2']:.3f}" for f in sets]
+                lines.append(
+                    f"| {o} | {r0['train_runs']} / {r0['test_runs']} | {h} | " + " | ".join(cells) + " |"
+                )
+        lines.append("")
     table = "\n".join(lines)
     print(table)
     print(f"({out['seconds']} s)")

@@ -7,7 +7,13 @@ import torch
 
 from sleepbot.errors import SleepbotError
 from sleepbot.experiments import collect
-from sleepbot.forecast.state import optimizer_step, run_windows, state_ablation
+from sleepbot.forecast.state import (
+    GRADIENT_COLUMN,
+    STATE_COLUMN,
+    optimizer_step,
+    run_windows,
+    state_ablation,
+)
 
 GRID = """
 datasets: [digits]
@@ -84,7 +90,7 @@ def test_recorded_state_points_where_the_run_goes(runs):
         assert opt in ("adam", "momentum")
         cos = []
         for x, ys in windows:
-            u, d = x[:, -1], ys[1][0]
+            u, d = x[:, STATE_COLUMN], ys[1][0]
             cos.append(float(u @ d / (u.norm() * d.norm())))
         assert sum(cos) / len(cos) > 0.3, (path.name, cos)
 
@@ -96,14 +102,54 @@ def test_ablation_fits_nested_feature_sets_and_scores_held_out_runs(runs):
     assert len(train) == 2 and len(test) == 2
     out = state_ablation(train, test, horizons=(1, 3), context=5, stride=1)
     rows = {(r["optimizer"], r["horizon"], r["target"], r["features"]): r for r in out["rows"]}
-    assert len(rows) == 2 * 2 * 2 * 4
+    assert len(rows) == 2 * 2 * 2 * 6
     for (opt, h, target, feats), r in rows.items():
         assert r["train_runs"] == 1 and r["test_runs"] == 1 and r["windows"] > 0
         assert r["r2"] == r["r2"] and r["r2"] <= 1.0  # finite, and no better than perfect
         # least squares: a superset of columns never fits the training data worse
-        subsets = {"history+state": ("history", "state alone"), "history+layer": ("history",)}
+        subsets = {
+            "history+state": ("history", "state alone"),
+            "history+layer": ("history",),
+            "history+gradient": ("history",),
+            "history+state+gradient": ("history+state", "history+gradient"),
+        }
         for sub in subsets.get(feats, ()):
             assert r["fit_r2"] >= rows[(opt, h, target, sub)]["fit_r2"] - 1e-9
+
+
+def test_the_gradient_column_is_the_replayed_training_gradient(runs):
+    """With `gradient`, its column is -lr times the whole training split's gradient at w(t) (SGD+momentum),
+    which points downhill: the loss falls along it; without, it is zeros and nothing is replayed."""
+    from sleepbot.forecast.jumploss import RunModel
+    from sleepbot.forecast.windows import scan_runs
+    from sleepbot.store import RunFile
+
+    paths, _ = runs
+    path = next(p for p in paths if "momentum" in p.name)
+    opt, windows = run_windows(str(path), horizons=(1,), context=5, stride=1, gradient=True)
+    _, plain = run_windows(str(path), horizons=(1,), context=5, stride=1)
+    assert opt == "momentum" and len(windows) == len(plain)
+    assert all(float(x[:, GRADIENT_COLUMN].abs().sum()) == 0.0 for x, _ in plain)
+    (info,) = scan_runs([str(path)])
+    model = RunModel(info)
+    every = torch.arange(len(model.y))
+    with RunFile(path) as f:
+        layers = list(f.layers)
+        w = {n: torch.as_tensor(f.weights(n)) for n in layers}
+    t = 4  # the first window ends at the 5th snapshot
+    n_ends = len(windows) // len(layers)  # the run's windows are listed layer by layer, window ends in order
+    firsts = windows[::n_ends]
+    assert len(firsts) == len(layers)
+    step = {n: x[:, GRADIENT_COLUMN].reshape(w[n][t].shape).float() for n, (x, _) in zip(layers, firsts)}
+    with torch.no_grad():
+        now = float(model.loss({n: w[n][t] for n in layers}, every))
+        ahead = float(model.loss({n: w[n][t] + step[n] for n in layers}, every))
+    assert ahead < now
+    mats = {n: w[n][t].clone().requires_grad_(True) for n in layers}
+    grads = torch.autograd.grad(model.loss(mats, every), list(mats.values()))
+    lr = 3.0e-2
+    for n, g in zip(layers, grads):
+        torch.testing.assert_close(step[n], -lr * g, rtol=1e-4, atol=1e-9)
 
 
 def test_low_rank_keeps_what_the_neurons_share():

@@ -15,11 +15,13 @@ step, smoothed by the optimizer's own averages (Adam's m, the momentum buffer: a
 runs, how much of the future displacement a linear forecaster explains from the weight history alone (the 9
 multiscale trend features of `sleepbot.forecast.multiscale`), from the history plus this step, and from the history
 plus the layer's low-rank version of its slopes (the cheapest neuron interaction: what the layer's neurons move
-along together, denoised by a truncated SVD of the layer's [neurons, inputs] slope matrix): one pooled
+along together, denoised by a truncated SVD of the layer's [neurons, inputs] slope matrix), and from the history
+plus the step the optimizer would take with the gradient of the whole training split at the snapshot (an input
+beyond the weights, replayed from the run's file; see `run_windows`): one pooled
 least-squares mix per optimizer and horizon, fitted on some runs and scored (R2_disp, in weight units, as
 `evaluate-forecaster` scores) on the others. It is the `none` mixer of the multiscale forecaster with more
-features, so what it finds bounds nothing from above, but it says whether the state or the layer carries
-information that the neuron's own history lacks. `scripts/state_ablation.py` prints the table.
+features, so what it finds bounds nothing from above, but it says whether the state, the layer or the gradient
+carries information that the neuron's own history lacks. `scripts/state_ablation.py` prints the table.
 """
 
 from __future__ import annotations
@@ -35,18 +37,24 @@ from sleepbot.forecast.base import neuron_scale
 from sleepbot.forecast.multiscale import N_FEATURES, R_WINDOWS, trend_features
 
 STATE_OPTIMIZERS = ("adam", "adamw", "momentum")
-# Columns of a window's X: the 9 trend features (r_k then s_k), the state's step, then the slopes s_k replaced by
-# their best low-rank approximation over the layer's neurons.
+# Columns of a window's X: the 9 trend features (r_k then s_k), the state's step, the slopes s_k replaced by their
+# best low-rank approximation over the layer's neurons, and the step the optimizer would take with the gradient
+# of the whole training split (zeros unless asked for).
 _SLOPES = list(range(len(R_WINDOWS), N_FEATURES))  # s_k for k in S_WINDOWS
-_STATE = N_FEATURES  # the state's step
+STATE_COLUMN = _STATE = N_FEATURES  # the state's step
 _LAYER = list(range(N_FEATURES + 1, N_FEATURES + 1 + len(_SLOPES)))  # the slopes' low-rank layer versions
-N_COLUMNS = N_FEATURES + 1 + len(_SLOPES)
+GRADIENT_COLUMN = _GRAD = N_FEATURES + 1 + len(_SLOPES)
+N_COLUMNS = _GRAD + 1
+_HISTORY = list(range(N_FEATURES))
 FEATURE_SETS = {
-    "history": list(range(N_FEATURES)),
-    "history+state": list(range(N_FEATURES)) + [_STATE],
+    "history": _HISTORY,
+    "history+state": _HISTORY + [_STATE],
     "state alone": [_STATE],
-    "history+layer": list(range(N_FEATURES)) + _LAYER,
+    "history+layer": _HISTORY + _LAYER,
+    "history+gradient": _HISTORY + [_GRAD],
+    "history+state+gradient": _HISTORY + [_STATE, _GRAD],
 }
+GRADIENT_SETS = ("history+gradient", "history+state+gradient")
 
 
 def optimizer_step(
@@ -102,12 +110,20 @@ def run_windows(
     stride: int = 2,
     smooth: int = 5,
     layer_rank: int = 2,
+    gradient: bool = False,
 ) -> tuple[str, list[tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]]]:
-    """(optimizer, windows) of one recorded run: per window, X [weights, 14] (the 9 trend features, the
-    optimizer's step, and the 4 slopes at rank `layer_rank` over the layer; every column in weight units) and per
-    horizon h the true displacement at t + h and its
-    smoothed version (the mean of the `smooth` snapshots up to t + h, minus w(t)), each [weights]. Windows end every
-    `stride` snapshots from the `context`-th on, while t + h stays inside the run for the largest h."""
+    """(optimizer, windows) of one recorded run: per window, X [weights, 15] (the 9 trend features, the
+    optimizer's step, the 4 slopes at rank `layer_rank` over the layer, and with `gradient` the step of the whole
+    training split's gradient, else zeros; every column in weight units) and per horizon h the true displacement at
+    t + h and its smoothed version (the mean of the `smooth` snapshots up to t + h, minus w(t)), each [weights].
+    Windows end every `stride` snapshots from the `context`-th on, while t + h stays inside the run for the largest
+    h.
+
+    The gradient step replays the run's network on its training split at w(t) (`jumploss.RunModel`; one forward and
+    backward pass over every training example per window, what a run could not afford at each sleep): -lr g for
+    SGD+momentum, and for Adam and AdamW -lr g / (sqrt(v_hat) + eps) with the run's recorded v, clamped to the
+    largest step Adam can take, lr (1 - beta1) / sqrt(1 - beta2) per weight (where v is tiny, as for a unit that has
+    not fired for a while, the quotient would be huge)."""
     from sleepbot.store import RunFile
 
     with RunFile(path) as f:
@@ -135,10 +151,12 @@ def run_windows(
             st = {k: torch.as_tensor(f.array(layer, f"optim/{k}")).double() for k in keys}
             data.append((w, st))
     h_max = max(horizons)
+    n_snap = data[0][0].shape[0]
+    ends = list(range(context - 1, n_snap - h_max, stride))
+    grads = _gradients(path, layers, [w for w, _ in data], ends) if gradient else None
     out = []
-    for w, st in data:
-        s = w.shape[0]
-        for t in range(context - 1, s - h_max, stride):
+    for li, (w, st) in enumerate(data):
+        for t in ends:
             hist = w[t - context + 1 : t + 1]
             scale = neuron_scale(hist)  # [N]
             k = int(steps[t])
@@ -154,6 +172,14 @@ def run_windows(
             )
             feats = [x * scale[:, None] for x in trend_features(hist, scale)] + [u]
             feats += [_low_rank(feats[i], layer_rank) for i in _SLOPES]
+            if grads is None:
+                feats.append(torch.zeros_like(u))
+            elif opt == "momentum":
+                feats.append(-lr * grads[t][li])
+            else:
+                v_hat = st["exp_avg_sq"][t] / (1 - betas[1] ** max(k, 1))
+                bound = lr * (1 - betas[0]) / (1 - betas[1]) ** 0.5
+                feats.append((-lr * grads[t][li] / (v_hat.sqrt() + 1e-8)).clamp(-bound, bound))
             x = torch.stack(feats, -1).reshape(-1, N_COLUMNS)
             ys = {}
             for h in horizons:
@@ -162,6 +188,25 @@ def run_windows(
                 ys[h] = (point.reshape(-1), sm.reshape(-1))
             out.append((x, ys))
     return opt, out
+
+
+def _gradients(
+    path: str, layers: list[str], weights: list[torch.Tensor], ends: list[int]
+) -> dict[int, list[torch.Tensor]]:
+    """{snapshot t: [the mean training loss's gradient at w(t), per layer, [N, F] float64]}, over the whole
+    training split of the run (its file's config rebuilds the network and the data)."""
+    from sleepbot.forecast.jumploss import RunModel
+    from sleepbot.forecast.windows import scan_runs
+
+    (info,) = scan_runs([path])
+    model = RunModel(info)
+    every = torch.arange(len(model.y))
+    out = {}
+    for t in ends:
+        now = {name: w[t].float().requires_grad_(True) for name, w in zip(layers, weights)}
+        loss = model.loss(now, every)
+        out[t] = [g.double() for g in torch.autograd.grad(loss, list(now.values()))]
+    return out
 
 
 def _low_rank(m: torch.Tensor, rank: int) -> torch.Tensor:
@@ -188,9 +233,10 @@ def state_ablation(
     context: int = 20,
     stride: int = 2,
     layer_rank: int = 2,
+    gradient: bool = True,
 ) -> dict[str, Any]:
     """Per optimizer, horizon, target (point / smooth) and feature set (`history`, `history+state`, `state
-    alone`, `history+layer`): the pooled least-squares mix fitted on `train` runs, its R2_disp on the `test` runs and its R2 on the
+    alone`, `history+layer`, and with `gradient` `history+gradient` and `history+state+gradient`): the pooled least-squares mix fitted on `train` runs, its R2_disp on the `test` runs and its R2 on the
     training windows themselves (`fit_r2`: adding a column can never lower it).
 
     Returns {"rows": [{optimizer, horizon, target, features, r2, fit_r2, train_runs, test_runs, windows}], ...}.
@@ -199,7 +245,7 @@ def state_ablation(
     runs: dict[tuple[str, str], int] = {}
     for split, paths in (("train", train), ("test", test)):
         for p in paths:
-            opt, ws = run_windows(p, horizons, context, stride, layer_rank=layer_rank)
+            opt, ws = run_windows(p, horizons, context, stride, layer_rank=layer_rank, gradient=gradient)
             pools.setdefault((opt, split), []).extend(ws)
             runs[(opt, split)] = runs.get((opt, split), 0) + 1
     rows = []
@@ -210,6 +256,8 @@ def state_ablation(
         for h in horizons:
             for ti, target in enumerate(("point", "smooth")):
                 for name, cols in FEATURE_SETS.items():
+                    if name in GRADIENT_SETS and not gradient:
+                        continue
                     a = sum(x[:, cols].T @ x[:, cols] for x, _ in tr)
                     b = sum(x[:, cols].T @ y[h][ti] for x, y in tr)
                     coef = _solve(a, b)
