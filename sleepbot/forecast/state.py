@@ -226,6 +226,13 @@ def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return sol.solution[:, 0] * d
 
 
+def _r2(stat: list, cols: list[int], coef: torch.Tensor) -> float:
+    """1 - ||X c - y||^2 / ||y||^2 from the sufficient statistics [X'X, X'y, y'y] (R2_disp: persistence scores 0)."""
+    xtx, xty, yty = stat[0][cols][:, cols], stat[1][cols], stat[2]
+    err = yty - 2.0 * float(coef @ xty) + float(coef @ xtx @ coef)
+    return 1.0 - err / max(yty, 1e-300)
+
+
 def state_ablation(
     train: Iterable[str],
     test: Iterable[str],
@@ -236,55 +243,55 @@ def state_ablation(
     gradient: bool = True,
 ) -> dict[str, Any]:
     """Per optimizer, horizon, target (point / smooth) and feature set (`history`, `history+state`, `state
-    alone`, `history+layer`, and with `gradient` `history+gradient` and `history+state+gradient`): the pooled least-squares mix fitted on `train` runs, its R2_disp on the `test` runs and its R2 on the
-    training windows themselves (`fit_r2`: adding a column can never lower it).
+    alone`, `history+layer`, and with `gradient` `history+gradient` and `history+state+gradient`): the pooled
+    least-squares mix fitted on `train` runs, its R2_disp on the `test` runs and its R2 on the training windows
+    themselves (`fit_r2`: adding a column can never lower it).
+
+    Each run is read once and reduced to sufficient statistics (X'X, X'y and y'y per optimizer, split, horizon and
+    target, in float64), so memory does not grow with the corpus: a mix c scores err = y'y - 2 c'X'y + c'X'X c.
 
     Returns {"rows": [{optimizer, horizon, target, features, r2, fit_r2, train_runs, test_runs, windows}], ...}.
     """
-    pools: dict[tuple[str, str], list] = {}
+    stats: dict[tuple[str, str, int, int], list] = {}  # (opt, split, h, target) -> [X'X, X'y, y'y]
     runs: dict[tuple[str, str], int] = {}
+    windows: dict[tuple[str, str], int] = {}
     for split, paths in (("train", train), ("test", test)):
         for p in paths:
             opt, ws = run_windows(p, horizons, context, stride, layer_rank=layer_rank, gradient=gradient)
-            pools.setdefault((opt, split), []).extend(ws)
             runs[(opt, split)] = runs.get((opt, split), 0) + 1
+            windows[(opt, split)] = windows.get((opt, split), 0) + len(ws)
+            for x, ys in ws:
+                xtx = x.T @ x
+                for h in horizons:
+                    for ti in (0, 1):
+                        y = ys[h][ti]
+                        acc = stats.setdefault((opt, split, h, ti), [0.0, 0.0, 0.0])
+                        acc[0] = acc[0] + xtx
+                        acc[1] = acc[1] + x.T @ y
+                        acc[2] = acc[2] + float(y @ y)
     rows = []
-    for opt in sorted({o for o, _ in pools}):
-        tr, te = pools.get((opt, "train"), []), pools.get((opt, "test"), [])
-        if not tr or not te:
+    for opt in sorted({o for o, _ in runs}):
+        if (opt, "train") not in runs or (opt, "test") not in runs:
             raise SleepbotError(f"the state ablation needs {opt} runs on both sides of the split")
         for h in horizons:
             for ti, target in enumerate(("point", "smooth")):
+                tr, te = stats[(opt, "train", h, ti)], stats[(opt, "test", h, ti)]
                 for name, cols in FEATURE_SETS.items():
                     if name in GRADIENT_SETS and not gradient:
                         continue
-                    a = sum(x[:, cols].T @ x[:, cols] for x, _ in tr)
-                    b = sum(x[:, cols].T @ y[h][ti] for x, y in tr)
-                    coef = _solve(a, b)
-
-                    def r2(
-                        pool: list,
-                        cols: list[int] = cols,
-                        coef: torch.Tensor = coef,
-                        h: int = h,
-                        ti: int = ti,
-                    ) -> float:
-                        err = sum(float((x[:, cols] @ coef - y[h][ti]).pow(2).sum()) for x, y in pool)
-                        tot = sum(float(y[h][ti].pow(2).sum()) for _, y in pool)
-                        return 1.0 - err / max(tot, 1e-300)
-
+                    coef = _solve(tr[0][cols][:, cols], tr[1][cols])
                     rows.append(
                         {
                             "optimizer": opt,
                             "horizon": h,
                             "target": target,
                             "features": name,
-                            "r2": r2(te),
-                            "fit_r2": r2(tr),
+                            "r2": _r2(te, cols, coef),
+                            "fit_r2": _r2(tr, cols, coef),
                             "coef": [float(c) for c in coef],
                             "train_runs": runs[(opt, "train")],
                             "test_runs": runs[(opt, "test")],
-                            "windows": len(te),
+                            "windows": windows[(opt, "test")],
                         }
                     )
     return {
