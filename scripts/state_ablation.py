@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from sleepbot.errors import SleepbotError
-    from sleepbot.forecast.state import FEATURE_SETS, state_ablation
+    from sleepbot.forecast.state import FEATURE_SETS, STATE_OPTIMIZERS, state_ablation
     from sleepbot.store import RunFile
 
     paths = sorted(Path(args.data).glob("*.h5"))
@@ -49,11 +49,24 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    train, test = [], []
-    for path in paths:
-        with RunFile(path) as f:
-            seed = int(f.attrs.get("seed", -1))
-        (test if seed == args.test_seed else train).append(str(path))
+    train, test, skipped = [], [], {}
+    try:
+        for path in paths:
+            with RunFile(path) as f:
+                seed = int(f.attrs.get("seed", -1))
+                opt = str(f.attrs.get("optimizer", ""))
+            if opt not in STATE_OPTIMIZERS:  # plain SGD, Schedule-Free: no single step in their state
+                skipped[opt] = skipped.get(opt, 0) + 1
+                continue
+            (test if seed == args.test_seed else train).append(str(path))
+    except SleepbotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if skipped:
+        print(
+            "skipped (no step readable from the state): "
+            + ", ".join(f"{n} runs of {o or 'an unknown optimizer'}" for o, n in sorted(skipped.items()))
+        )
     t0 = time.perf_counter()
     try:
         out = state_ablation(
@@ -65,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["data"] = args.data
     out["test_seed"] = args.test_seed
+    out["skipped"] = skipped
 
     by = {(r["optimizer"], r["horizon"], r["target"], r["features"]): r for r in out["rows"]}
     opts = sorted({r["optimizer"] for r in out["rows"]})

@@ -167,3 +167,67 @@ def test_runs_without_the_state_are_refused_by_name(runs):
     _, plain = runs
     with pytest.raises(SleepbotError, match="holds no optimizer state.*record.optimizer_state: true"):
         run_windows(str(plain[0]), horizons=(1,), context=5)
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("state_ablation", "scripts/state_ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_script_writes_its_table_and_refuses_a_corrupt_file(runs, tmp_path, capsys):
+    import json
+    import shutil
+
+    paths, _ = runs
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in paths:
+        shutil.copy(p, data / p.name)
+    out = tmp_path / "out.json"
+    args = [
+        "--data",
+        str(data),
+        "--test-seed",
+        "1",
+        "--horizons",
+        "1",
+        "3",
+        "--context",
+        "5",
+        "--stride",
+        "1",
+    ]
+    assert _script().main([*args, "--json", str(out), "--no-gradient"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["features"] for r in rows} == {"history", "history+state", "state alone", "history+layer"}
+    assert "| momentum | 1 / 1 | 3 |" in capsys.readouterr().out
+
+    (data / "broken.h5").write_bytes(b"not an hdf5 file")
+    assert _script().main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "broken.h5" in err and len(err.splitlines()) == 1
+    assert (data / "broken.h5").read_bytes() == b"not an hdf5 file"  # nothing destroyed
+
+
+def test_the_script_skips_runs_whose_state_holds_no_step(runs, tmp_path, capsys):
+    import shutil
+
+    paths, _ = runs
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in paths:
+        shutil.copy(p, data / p.name)
+    (tmp_path / "sgd.yaml").write_text(
+        "datasets: [digits]\narchs: [small_cnn]\noptimizers: [sgd]\nlrs: [0.1]\nseeds: [1]\n"
+        "run:\n  data: {train_subset: 256}\n  trainer: {max_steps: 60, val_every_n_steps: 60}\n"
+        "  record: {snapshot_every: 10}\n"
+    )
+    (row,) = collect(tmp_path / "sgd.yaml", data, workers=1, progress=False)
+    assert row.status == "trained"
+    args = ["--data", str(data), "--test-seed", "1", "--horizons", "1", "--context", "5", "--no-gradient"]
+    assert _script().main(args) == 0
+    assert "skipped (no step readable from the state): 1 runs of sgd" in capsys.readouterr().out
