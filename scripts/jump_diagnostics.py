@@ -15,6 +15,11 @@ Hessian over the whole training split, by scipy's Lanczos `eigsh` on exact Hessi
 about a minute per step for K = 40 on 2 cores) and scores the forecast and the true future with their components
 along those directions removed, and prints how much of each displacement, and of the forecast's error, lies in
 them. It answers: is the forecast's harm in a few steep directions, and what is left of its gain without them?
+
+With --fisher-filter C it also scores the forecast damped per weight by the diagonal of the empirical Fisher at
+w(t) (the mean squared per-example gradient over the training split, what Adam's second moment estimates):
+d_i / (1 + C F_i / mean F over the layer). It answers: does a curvature filter a jump could afford (Adam's v is at
+hand) find the same directions?
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="K",
         help="also remove the top-K Hessian directions from the forecast and the future (e.g. 10 40)",
+    )
+    p.add_argument(
+        "--fisher-filter",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="C",
+        help="also damp the forecast by the Fisher diagonal with these strengths (e.g. 1 10 100)",
     )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -92,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             "D + isotropic noise of the error's size": {k: now[k] + d[k] + noise[k] for k in w},
             "now + the forecast's error": {k: now[k] + err[k] for k in w},
         }
+        if args.fisher_filter:
+            fisher = fisher_diagonal(model, now, every)
+            for c in args.fisher_filter:
+                points[f"forecast damped by the Fisher diagonal, C = {c:g}"] = {
+                    k: now[k] + (fcst[k] - now[k]) / (1 + c * fisher[k] / fisher[k].mean().clamp_min(1e-30))
+                    for k in w
+                }
         steep = {}
         if args.hessian_top:
             vecs = top_hessian_directions(model, now, max(args.hessian_top), every)  # [P, K] float64
@@ -141,6 +161,24 @@ def unflat(x: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Te
         out[k] = x[o : o + n].reshape(v.shape[1:]).to(v.dtype)
         o += n
     return out
+
+
+def fisher_diagonal(model, now: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{layer: [N, F]} the mean over examples `idx` of each per-example gradient squared, at the matrices `now`."""
+    import torch.nn.functional as F
+
+    def one(mats, x, y):
+        logits = torch.func.functional_call(model.module, model.params(mats), (x[None],))
+        return F.cross_entropy(logits, y[None])
+
+    per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
+    out = {k: torch.zeros_like(v) for k, v in now.items()}
+    for i in range(0, len(idx), 256):
+        b = idx[i : i + 256]
+        grads = per_example(now, model.x[b], model.y[b])
+        for k in out:
+            out[k] += grads[k].pow(2).sum(0)
+    return {k: v / len(idx) for k, v in out.items()}
 
 
 def top_hessian_directions(model, now: dict[str, torch.Tensor], k: int, idx: torch.Tensor) -> torch.Tensor:

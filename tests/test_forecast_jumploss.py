@@ -185,6 +185,9 @@ def test_the_loss_objective_learns_jumps_that_lower_the_loss(corpus, tmp_path):
                 str(rows_path),
                 "--hessian-top",
                 "3",
+                "--fisher-filter",
+                "1",
+                "1e9",
             ]
         )
         == 0
@@ -193,6 +196,10 @@ def test_the_loss_objective_learns_jumps_that_lower_the_loss(corpus, tmp_path):
     assert row["step"] == 40 and "oracle (step 80)" in row["points"] and len(row["r2_disp"]) == 3
     assert "forecast without the top 3 Hessian directions" in row["points"]
     assert all(0.0 <= v <= 1.0 for v in row["steep_share"]["3"].values())
+    pts = {k: v["train_loss"] for k, v in row["points"].items()}
+    # damped without bound, the jump vanishes: the loss is the loss now (and the forecast's own is not)
+    assert abs(pts["forecast damped by the Fisher diagonal, C = 1e+09"] - pts["now"]) < 1e-3 * pts["now"]
+    assert abs(pts["forecast"] - pts["now"]) > 1e-3 * pts["now"]
 
     # the directions it removes are the steepest: orthonormal, and curved more than any random direction
     model = RunModel(run)
@@ -213,6 +220,17 @@ def test_the_loss_objective_learns_jumps_that_lower_the_loss(corpus, tmp_path):
         return (at(flat0 + e * v) - 2 * at(flat0) + at(flat0 - e * v)) / e**2
 
     top = curvature(vecs[:, 0])
+
+    # the Fisher diagonal is the mean squared per-example gradient, example by example
+    two = torch.tensor([0, 5])
+    fisher = diag.fisher_diagonal(model, now, two)
+    ref = {k: torch.zeros_like(v) for k, v in now.items()}
+    for e in two:
+        mats = {k: v.clone().requires_grad_(True) for k, v in now.items()}
+        for k, g in zip(mats, torch.autograd.grad(model.loss(mats, e[None]), list(mats.values()))):
+            ref[k] += g.pow(2) / 2
+    for k in now:
+        torch.testing.assert_close(fisher[k], ref[k], rtol=1e-4, atol=1e-10)
     g = torch.Generator().manual_seed(0)
     rand = [curvature(r / r.norm()) for r in torch.randn(5, flat0.numel(), generator=g, dtype=torch.float64)]
     assert top > 10 * max(rand), (top, rand)
