@@ -121,9 +121,10 @@ def run_windows(
 
     The gradient step replays the run's network on its training split at w(t) (`jumploss.RunModel`; one forward and
     backward pass over every training example per window, what a run could not afford at each sleep): -lr g for
-    SGD+momentum, and for Adam and AdamW -lr g / (sqrt(v_hat) + eps) with the run's recorded v, clamped to the
-    largest step Adam can take, lr (1 - beta1) / sqrt(1 - beta2) per weight (where v is tiny, as for a unit that has
-    not fired for a while, the quotient would be huge)."""
+    SGD+momentum, and for Adam and AdamW -lr g / (sqrt(v_hat) + eps) with the run's recorded v, clamped to Adam's
+    bound on its own step, lr (1 - beta1) / sqrt(1 - beta2) per weight (Kingma & Ba 2015, section 2.1): where v is
+    tiny, as for a unit that has not fired for a while, the quotient would be huge. Betas are torch's defaults, which
+    sleepbot's `adam` and `adamw` use."""
     from sleepbot.store import RunFile
 
     with RunFile(path) as f:
