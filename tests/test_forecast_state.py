@@ -178,8 +178,8 @@ def _script():
     return mod
 
 
-def test_the_script_writes_its_table_and_refuses_a_corrupt_file(runs, tmp_path, capsys):
-    import json
+def _copy_runs(runs, tmp_path):
+    """The fixture's recorded runs copied into a directory of this test's own (the script reads a directory)."""
     import shutil
 
     paths, _ = runs
@@ -187,6 +187,13 @@ def test_the_script_writes_its_table_and_refuses_a_corrupt_file(runs, tmp_path, 
     data.mkdir()
     for p in paths:
         shutil.copy(p, data / p.name)
+    return data
+
+
+def test_the_script_writes_its_table_and_refuses_a_corrupt_file(runs, tmp_path, capsys):
+    import json
+
+    data = _copy_runs(runs, tmp_path)
     out = tmp_path / "out.json"
     args = [
         "--data",
@@ -214,13 +221,7 @@ def test_the_script_writes_its_table_and_refuses_a_corrupt_file(runs, tmp_path, 
 
 
 def test_the_script_skips_runs_whose_state_holds_no_step(runs, tmp_path, capsys):
-    import shutil
-
-    paths, _ = runs
-    data = tmp_path / "data"
-    data.mkdir()
-    for p in paths:
-        shutil.copy(p, data / p.name)
+    data = _copy_runs(runs, tmp_path)
     (tmp_path / "sgd.yaml").write_text(
         "datasets: [digits]\narchs: [small_cnn]\noptimizers: [sgd]\nlrs: [0.1]\nseeds: [1]\n"
         "run:\n  data: {train_subset: 256}\n  trainer: {max_steps: 60, val_every_n_steps: 60}\n"
