@@ -396,6 +396,15 @@ def _add_train_forecaster(p: argparse.ArgumentParser) -> None:
         "lands (replays each corpus run's network and data)",
     )
     p.add_argument(
+        "--settle-steps",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --objective loss: score each jump after K more updates of the run's own optimizer from its "
+        "recorded state, against the same K updates without it (default 0: where the jump lands; needs runs "
+        "collected with record.optimizer_state: true, e.g. configs/collect_state.yaml)",
+    )
+    p.add_argument(
         "--holdout",
         action="append",
         default=[],
@@ -456,6 +465,7 @@ def _run_train_forecaster(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         target_smooth=args.target_smooth,
         objective=args.objective,
+        settle_steps=args.settle_steps,
         holdout=holdout or None,
         seed=args.seed,
         split_seed=args.split_seed,

@@ -232,3 +232,91 @@ def test_the_script_skips_runs_whose_state_holds_no_step(runs, tmp_path, capsys)
     args = ["--data", str(data), "--test-seed", "1", "--horizons", "1", "--context", "5", "--no-gradient"]
     assert _script().main(args) == 0
     assert "skipped (no step readable from the state): 1 runs of sgd" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- settling a jump
+def _settle_sample(run_path, settle_steps, t=6):
+    from sleepbot.forecast.jumploss import replay_dataset
+    from sleepbot.forecast.windows import scan_runs
+
+    ds, models, left_out = replay_dataset(
+        scan_runs([run_path]), 6, 3, mode="all", stride=1, examples=64, horizon=2, settle_steps=settle_steps
+    )
+    assert not left_out
+    return models[0], next(s for s in ds if s["t_end"] == t)
+
+
+@pytest.mark.parametrize("which", [0, 2])  # an Adam run and an SGD+momentum run
+def test_settling_continues_the_run_as_torch_s_optimizer_would(runs, which):
+    """RunModel.settle, from the recorded state, equals torch's own optimizer loaded with that state and stepped
+    on the same batches at the run's recorded lrs."""
+    path = runs[0][which]
+    model, s = _settle_sample(path, settle_steps=4)
+    assert model.optimizer == ("adam" if which == 0 else "momentum")
+    now = {k: h[-1].clone() for k, h in s["history"].items()}
+    got = model.settle(now, s["state"], s["step"], s["batches"])
+
+    params = {k: v.clone().requires_grad_(True) for k, v in now.items()}
+    if model.optimizer == "adam":
+        opt = torch.optim.Adam(list(params.values()), lr=1.0)
+        for k, p in params.items():
+            opt.state[p] = {
+                "step": torch.tensor(float(s["step"])),
+                **{n: v.clone() for n, v in s["state"][k].items()},
+            }
+    else:
+        opt = torch.optim.SGD(list(params.values()), lr=1.0, momentum=model.momentum)
+        for k, p in params.items():
+            opt.state[p] = {"momentum_buffer": s["state"][k]["momentum_buffer"].clone()}
+    for i, idx in enumerate(s["batches"]):
+        for group in opt.param_groups:
+            group["lr"] = float(model.lr_by_step[s["step"] + i])
+        opt.zero_grad()
+        model.loss(params, idx).backward()
+        opt.step()
+    for k in now:
+        torch.testing.assert_close(got[k], params[k].detach(), rtol=1e-4, atol=1e-6)
+        assert (got[k] - now[k]).abs().max() > 1e-4  # it did move
+
+
+def test_a_settled_jump_is_differentiable_and_the_samples_hold_what_settling_needs(runs):
+    model, s = _settle_sample(runs[0][0], settle_steps=3)
+    assert len(s["batches"]) == 3 and all(len(b) == model.batch_size for b in s["batches"])
+    now = {k: h[-1].clone() for k, h in s["history"].items()}
+    torch.manual_seed(0)
+    d = {k: 0.02 * torch.randn_like(v) for k, v in now.items()}
+    eps = torch.zeros((), requires_grad=True)
+
+    def settled_loss(e):
+        w = model.settle(
+            {k: now[k] + e * d[k] for k in now}, s["state"], s["step"], s["batches"], create_graph=True
+        )
+        return model.loss(w, s["examples"])
+
+    (slope,) = torch.autograd.grad(settled_loss(eps), eps)
+    with torch.no_grad():
+        h = 0.05
+        up = model.loss(
+            model.settle({k: now[k] + h * d[k] for k in now}, s["state"], s["step"], s["batches"]),
+            s["examples"],
+        )
+        down = model.loss(
+            model.settle({k: now[k] - h * d[k] for k in now}, s["state"], s["step"], s["batches"]),
+            s["examples"],
+        )
+    fd = float(up - down) / (2 * h)
+    assert abs(fd) > 1e-4
+    assert float(slope) == pytest.approx(fd, rel=0.15)
+
+
+def test_settling_refuses_runs_without_the_state_and_objectives_that_cannot_use_it(runs, tmp_path):
+    from sleepbot.forecast.jumploss import replay_dataset
+    from sleepbot.forecast.module import ForecasterTrainConfig, train_forecaster
+    from sleepbot.forecast.windows import scan_runs
+
+    ds, _, left_out = replay_dataset(scan_runs(runs[1]), 6, 3, settle_steps=2)
+    assert ds is None and len(left_out) == 1 and "record.optimizer_state: true" in left_out[0]
+    cfg = ForecasterTrainConfig(model="multiscale", context=6, min_context=3, horizons=(2,), settle_steps=2)
+    with pytest.raises(SleepbotError, match="needs objective 'loss'"):
+        train_forecaster([str(p) for p in runs[0]], cfg, out=tmp_path / "f.pt")
+    assert not (tmp_path / "f.pt").exists()

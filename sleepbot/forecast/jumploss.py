@@ -37,9 +37,13 @@ class RunModel:
     Args:
         info: the run (its file's config rebuilds the network and the data split).
         data_cache: {data config key: (train inputs, train targets, input shape, classes)} shared across runs.
+        settle: also prepare `settle` (the run's own optimizer continued from its recorded state): the run must be
+            trained with one of SETTLE_OPTIMIZERS and recorded with `record.optimizer_state: true`.
     """
 
-    def __init__(self, info: RunInfo, data_cache: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, info: RunInfo, data_cache: dict[str, Any] | None = None, *, settle: bool = False
+    ) -> None:
         from torch import nn
 
         from sleepbot.config import RunConfig, build_config
@@ -50,6 +54,22 @@ class RunModel:
 
         with RunFile(info.path) as f:
             config = f.attrs.get("config") or {}
+            self.optimizer = str(f.attrs.get("optimizer", ""))
+            if settle:
+                self.lr_by_step = np.asarray(f.metrics["lr"], dtype=np.float64)
+                keys = SETTLE_STATE.get(self.optimizer)
+                if keys is None:
+                    raise SleepbotError(
+                        f"{info.path!r} was trained with {self.optimizer!r}; settling replays "
+                        f"{', '.join(SETTLE_STATE)}"
+                    )
+                for layer in info.layers:
+                    have = f.layer_info(layer.name)["arrays"]
+                    if any(f"optim/{k}" not in have for k in keys):
+                        raise SleepbotError(
+                            f"{info.path!r} holds no optimizer state for {layer.name}; settling needs a run "
+                            f"collected with record.optimizer_state: true"
+                        )
         if not config:
             raise SleepbotError(f"{info.path!r} records no config, so its network cannot be rebuilt")
         cfg = build_config(RunConfig, config)
@@ -63,6 +83,8 @@ class RunModel:
             cache[key] = (x, y, dm.input_shape, dm.num_classes)
         self.x, self.y, shape, classes = cache[key]
         m = cfg.model
+        self.batch_size = int(cfg.data.batch_size)
+        self.weight_decay, self.momentum = float(m.weight_decay), float(m.momentum)
         self.module = Classifier(arch=m.arch, input_shape=shape, num_classes=classes).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -98,6 +120,64 @@ class RunModel:
         logits = torch.func.functional_call(self.module, self.params(mats), (self.x[idx],))
         return F.cross_entropy(logits, self.y[idx])
 
+    def settle(
+        self,
+        mats: dict[str, torch.Tensor],
+        state: dict[str, dict[str, torch.Tensor]],
+        step: int,
+        batches: Sequence[torch.Tensor],
+        *,
+        create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The weights after len(batches) more updates of the run's own optimizer from `mats`, starting from its
+        recorded `state` ({layer: {key: [N, F]}}) after `step` updates, at the run's recorded lr schedule.
+
+        Torch's update rules (betas 0.9, 0.999 and eps 1e-8, as sleepbot's adam and adamw use; SGD with the run's
+        momentum, no dampening), written out so that with `create_graph` the result is differentiable in `mats`
+        (second order: each step's gradient is itself differentiated). A jump that only moves the weights along
+        steep directions is undone within a few such steps; what survives them is what a jump is worth to a run
+        that trains on (see `jump_log_ratio`'s `settle_steps`).
+        """
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        w = dict(mats)
+        st = {k: dict(v) for k, v in state.items()}
+        names = list(w)
+        for i, idx in enumerate(batches):
+            if not create_graph:
+                w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
+            with torch.enable_grad():
+                grads = torch.autograd.grad(
+                    self.loss(w, idx), [w[k] for k in names], create_graph=create_graph
+                )
+            k = int(step) + i  # updates taken before this one
+            lr = float(self.lr_by_step[min(k, len(self.lr_by_step) - 1)])
+            for name, g in zip(names, grads):
+                p, s = w[name], st[name]
+                if self.optimizer == "momentum":
+                    s["momentum_buffer"] = self.momentum * s["momentum_buffer"] + g if k > 0 else g
+                    w[name] = p - lr * s["momentum_buffer"]
+                    continue
+                if self.optimizer == "adamw":
+                    p = p * (1 - lr * self.weight_decay)
+                elif self.weight_decay:
+                    g = g + self.weight_decay * p
+                s["exp_avg"] = b1 * s["exp_avg"] + (1 - b1) * g
+                s["exp_avg_sq"] = b2 * s["exp_avg_sq"] + (1 - b2) * g * g
+                t = k + 1
+                # sqrt's derivative is unbounded at 0 (a weight whose gradient has always been 0): 1e-20 under it
+                # changes no value beyond eps's own rounding
+                denom = (s["exp_avg_sq"] / (1 - b2**t) + 1e-20).sqrt() + eps
+                w[name] = p - lr * (s["exp_avg"] / (1 - b1**t)) / denom
+        return w if create_graph else {k: v.detach() for k, v in w.items()}
+
+
+# The optimizers `RunModel.settle` replays, and the state each keeps per weight.
+SETTLE_STATE = {
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+    "momentum": ("momentum_buffer",),
+}
+
 
 class JumpDataset(IterableDataset):
     """(run, time) samples: every layer's history up to one snapshot, and which training examples score it.
@@ -108,6 +188,11 @@ class JumpDataset(IterableDataset):
     t_end (int), history {layer: [C, N, F] float32}, kind {layer: str}, examples [E] int64 (indices into the run's
     training split, drawn from the seed), and, in `all` mode, future {layer: [N, F]}: the weights `horizon`
     snapshots later where the run has them (the oracle's jump, for reference).
+
+    With `settle_steps` K > 0, a sample also holds what `RunModel.settle` needs to train the run on for K updates
+    from the snapshot: `state` {layer: {key: [N, F]}} (the optimizer's recorded state there), `step` (the
+    snapshot's step) and `batches` (K index tensors of the run's batch size into its training split, from the same
+    seed). `batch_sizes` {run: batch size} is set by the caller, as `train_sizes` is.
     """
 
     def __init__(
@@ -122,6 +207,7 @@ class JumpDataset(IterableDataset):
         stride: int = 5,
         horizon: int = 20,
         seed: int = 0,
+        settle_steps: int = 0,
     ) -> None:
         super().__init__()
         if mode not in ("random", "all"):
@@ -132,8 +218,14 @@ class JumpDataset(IterableDataset):
         self.context, self.min_context = int(context), int(min_context)
         self.mode, self.samples, self.examples = mode, int(samples), int(examples)
         self.stride, self.horizon, self.seed = max(1, int(stride)), int(horizon), int(seed)
+        self.settle_steps = int(settle_steps)
+        if self.settle_steps < 0:
+            raise SleepbotError(
+                f"settle_steps must be 0 (score where the jump lands) or more; got {settle_steps}"
+            )
         self.epoch = 0
         self.train_sizes: dict[int, int] = {}  # run -> size of its training split, set by the caller
+        self.batch_sizes: dict[int, int] = {}  # run -> its training batch size (settling), set by the caller
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -169,13 +261,27 @@ class JumpDataset(IterableDataset):
                 if self.mode == "all" and fut < len(run.snapshot_steps)
                 else None
             )
+            state = None
+            if self.settle_steps:
+                row = int(run.snapshot_rows[t])
+                state = {}
+                for layer in run.layers:
+                    keys = [
+                        a[len("optim/") :]
+                        for a in f.layer_info(layer.name)["arrays"]
+                        if a.startswith("optim/")
+                    ]
+                    state[layer.name] = {
+                        k: torch.from_numpy(np.ascontiguousarray(f.array(layer.name, f"optim/{k}", [row])[0]))
+                        for k in keys
+                    }
         n = self.train_sizes.get(ri)
         if n is None:
             raise SleepbotError("JumpDataset.train_sizes must give each run's training-split size")
         examples = torch.as_tensor(
             rng.choice(n, size=min(self.examples, n), replace=False), dtype=torch.int64
         )
-        return {
+        out = {
             "run": ri,
             "t_end": t,
             "history": history,
@@ -183,6 +289,16 @@ class JumpDataset(IterableDataset):
             "examples": examples,
             "future": future,
         }
+        if state is not None:
+            bs = self.batch_sizes.get(ri)
+            if bs is None:
+                raise SleepbotError("JumpDataset.batch_sizes must give each run's batch size to settle")
+            out["state"], out["step"] = state, int(run.snapshot_steps[t])
+            out["batches"] = [
+                torch.as_tensor(rng.choice(n, size=min(bs, n), replace=False), dtype=torch.int64)
+                for _ in range(self.settle_steps)
+            ]
+        return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         shard, shards = _shard()
@@ -209,9 +325,10 @@ def replay_dataset(
     one-line reason for each run left out (BatchNorm, no config). `options` go to JumpDataset."""
     cache: dict[str, Any] = {}
     kept, models, left_out = [], [], []
+    settle = bool(options.get("settle_steps"))
     for r in runs:
         try:
-            models.append(RunModel(r, cache))
+            models.append(RunModel(r, cache, settle=settle))
             kept.append(r)
         except SleepbotError as e:
             left_out.append(str(e))
@@ -219,6 +336,7 @@ def replay_dataset(
         return None, [], left_out
     ds = JumpDataset(kept, context, min_context, **options)
     ds.train_sizes = {i: len(m.y) for i, m in enumerate(models)}
+    ds.batch_sizes = {i: m.batch_size for i, m in enumerate(models)}
     return ds, models, left_out
 
 
@@ -227,14 +345,37 @@ def jump_log_ratio(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log(L(w + jump) / L(w)) of one sample, differentiable in the forecaster, and log(L(w)) (no gradient).
 
-    The jump of each layer is the forecaster's last trained horizon."""
+    The jump of each layer is the forecaster's last trained horizon. A sample with `batches` (a JumpDataset with
+    `settle_steps`) is scored after the run trains on: log(L(settle(w + jump)) / L(settle(w))), both continued for
+    the same batches from the optimizer's recorded state, so that a jump earns only what the optimizer would not
+    have made up in those steps anyway."""
     now = {k: h[-1] for k, h in sample["history"].items()}
+    batches = sample.get("batches")
     with torch.no_grad():
-        base = run_model.loss(now, sample["examples"]).log()
+        start = now if not batches else run_model.settle(now, sample["state"], sample["step"], batches)
+        base = run_model.loss(start, sample["examples"]).log()
     mats = {
         k: now[k] + forecaster(h, sample["kind"][k], None)[-1] for k, h in sample["history"].items()
     }  # [N, F] each
+    if batches:
+        mats = run_model.settle(
+            mats, sample["state"], sample["step"], batches, create_graph=torch.is_grad_enabled()
+        )
     return run_model.loss(mats, sample["examples"]).log() - base, base
+
+
+def landing_log_ratio(
+    run_model: RunModel, sample: dict[str, Any], mats: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """log(L(mats) / L(w)) for given jumped weights (the oracle's, in validation), settled as `jump_log_ratio`
+    settles; no gradient."""
+    now = {k: h[-1] for k, h in sample["history"].items()}
+    batches = sample.get("batches")
+    with torch.no_grad():
+        if batches:
+            now = run_model.settle(now, sample["state"], sample["step"], batches)
+            mats = run_model.settle(mats, sample["state"], sample["step"], batches)
+        return run_model.loss(mats, sample["examples"]).log() - run_model.loss(now, sample["examples"]).log()
 
 
 def evaluate_jumps(
@@ -247,8 +388,11 @@ def evaluate_jumps(
     examples: int = 512,
     horizon: int = 20,
     seed: int = 0,
+    settle_steps: int = 0,
 ) -> dict[str, Any]:
-    """How much a forecaster's jump lowers the training loss on `runs`, every `stride` snapshots.
+    """How much a forecaster's jump lowers the training loss on `runs`, every `stride` snapshots (with
+    `settle_steps`, after both the jumped and the unjumped weights train on that many updates; see
+    `jump_log_ratio`).
 
     Returns a JSON-ready dict: `log_ratio` (mean log(L(w + jump) / L(w)) over samples), `improved` (share of
     samples where the jump lowered the loss), `oracle_log_ratio` (the same for the run's own weights `horizon`
@@ -259,7 +403,15 @@ def evaluate_jumps(
     context = int(context or forecaster.context)
     min_context = int(min_context or getattr(forecaster, "min_context", context))
     ds, models, left_out = replay_dataset(
-        runs, context, min_context, mode="all", stride=stride, examples=examples, horizon=horizon, seed=seed
+        runs,
+        context,
+        min_context,
+        mode="all",
+        stride=stride,
+        examples=examples,
+        horizon=horizon,
+        seed=seed,
+        settle_steps=settle_steps,
     )
     if ds is None:
         raise SleepbotError("none of the runs can be replayed to score jumps (BatchNorm, or no config)")
@@ -270,7 +422,7 @@ def evaluate_jumps(
             ratio, base = jump_log_ratio(forecaster, models[s["run"]], s)
             oracle = float("nan")
             if s["future"] is not None:
-                oracle = float(models[s["run"]].loss(s["future"], s["examples"]).log() - base)
+                oracle = float(landing_log_ratio(models[s["run"]], s, s["future"]))
             if not (math.isfinite(float(ratio)) and math.isfinite(float(base))):
                 skipped += 1
                 continue

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from sleepbot.errors import SleepbotError, unknown_name
 from sleepbot.forecast.base import FORECASTERS, Forecaster, build_forecaster, neuron_scale
-from sleepbot.forecast.jumploss import JumpDataset, jump_log_ratio, replay_dataset
+from sleepbot.forecast.jumploss import JumpDataset, jump_log_ratio, landing_log_ratio, replay_dataset
 from sleepbot.forecast.windows import (
     RunInfo,
     WindowDataset,
@@ -159,8 +159,7 @@ class ForecasterModule(pl.LightningModule):
                     continue
                 oracle = [0.0, 0.0]
                 if s["future"] is not None:
-                    with torch.no_grad():
-                        oracle = [float(models[s["run"]].loss(s["future"], s["examples"]).log() - base), 1.0]
+                    oracle = [float(landing_log_ratio(models[s["run"]], s, s["future"])), 1.0]
                 self._val += torch.tensor(
                     [float(ratio), 1.0, float(ratio < 0), *oracle], dtype=torch.float64, device=self.device
                 )
@@ -239,6 +238,9 @@ class ForecasterTrainConfig:
             training loss where the jump lands, log(L(w + jump) / L(w)); see `jumploss`). With `loss`,
             groups_per_step and groups_per_epoch count (run, time) samples.
         jump_examples: training examples of the base network that score each sample of the `loss` objective.
+        settle_steps: with the `loss` objective, score each jump after this many further updates of the run's own
+            optimizer from its recorded state (`jumploss.RunModel.settle`), against the same updates without the
+            jump; 0 scores where the jump lands. Needs runs collected with `record.optimizer_state: true`.
         split_seed: seed of the run split; seed: of the model init and window sampling.
         num_workers: DataLoader workers (each opens the HDF5 files itself). Part of the numbers: each worker draws
             its own share of the windows, so another count trains on other windows in another order.
@@ -267,6 +269,7 @@ class ForecasterTrainConfig:
     val_stride: int = 5
     objective: str = "r2"
     jump_examples: int = 256
+    settle_steps: int = 0
     split_seed: int = 0
     seed: int = 0
     num_workers: int = 0
@@ -331,6 +334,7 @@ def _jump_datasets(
             stride=cfg.val_stride,
             horizon=max(cfg.horizons),
             seed=cfg.seed,
+            settle_steps=cfg.settle_steps,
         )
         for reason in left_out:
             warnings.warn(f"left out of the loss objective: {reason}", stacklevel=2)
@@ -443,6 +447,11 @@ def train_forecaster(
             raise SleepbotError(
                 f"the {name} forecaster has nothing to train; trainable: {', '.join(learned)}"
             )
+    if cfg.settle_steps and cfg.objective != "loss":
+        raise SleepbotError(
+            f"settle_steps {cfg.settle_steps} scores jumps by the loss; it needs objective 'loss', not "
+            f"{cfg.objective!r}"
+        )
     if out is not None and Path(out).exists() and not overwrite:
         raise SleepbotError(f"{str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
     paths = resolve_paths(data)
