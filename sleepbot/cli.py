@@ -520,6 +520,14 @@ def _add_evaluate_forecaster(p: argparse.ArgumentParser) -> None:
         "and data), per dataset, arch and optimizer, instead of R2_disp",
     )
     p.add_argument(
+        "--settle-steps",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --jumps: score the loss after K more updates of each run's own optimizer from its recorded "
+        "state, with and without the jump (runs collected with record.optimizer_state: true)",
+    )
+    p.add_argument(
         "--no-progress", action="store_true", help="do not tell the forecasters the training progress"
     )
     p.add_argument("--json", default=None, help="write the tables as JSON to this file")
@@ -537,6 +545,8 @@ def _run_evaluate_forecaster(args: argparse.Namespace) -> int:
     from sleepbot.forecast.evaluate import evaluate, evaluate_by, format_table, select_runs, write_json
     from sleepbot.forecast.windows import resolve_paths, scan_runs
 
+    if args.settle_steps and not args.jumps:
+        raise SleepbotError("--settle-steps scores jumps by the loss; pass it with --jumps")
     for target in (args.json, args.plot):
         if target and Path(target).exists() and not args.overwrite:
             raise SleepbotError(f"{target!r} exists; pass --overwrite to replace it")
@@ -585,11 +595,15 @@ def _print_jump_scores(models: dict[str, Any], runs: list[Any], args: argparse.N
     learned = {k: m for k, m in models.items() if getattr(m, "learned", False)}
     horizon = max(max(m.horizons) for m in learned.values())
     out = {
-        k: evaluate_jumps(m, runs, stride=max(args.stride, 1), horizon=horizon) for k, m in learned.items()
+        k: evaluate_jumps(
+            m, runs, stride=max(args.stride, 1), horizon=horizon, settle_steps=args.settle_steps
+        )
+        for k, m in learned.items()
     }
+    settled = f", both trained on for {args.settle_steps} updates" if args.settle_steps else ""
     print(
-        "mean log(L(w + jump) / L(w)) on the runs' training data (negative: the jump lowers the loss); "
-        f"share of jumps that lower it; the true future {horizon} snapshots on, for scale"
+        f"mean log(L(w + jump) / L(w)) on the runs' training data{settled} (negative: the jump lowers the "
+        f"loss); share of jumps that lower it; the true future {horizon} snapshots on, for scale"
     )
     for name, res in out.items():
         print(

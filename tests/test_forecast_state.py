@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -320,3 +321,40 @@ def test_settling_refuses_runs_without_the_state_and_objectives_that_cannot_use_
     with pytest.raises(SleepbotError, match="needs objective 'loss'"):
         train_forecaster([str(p) for p in runs[0]], cfg, out=tmp_path / "f.pt")
     assert not (tmp_path / "f.pt").exists()
+
+
+def test_a_forecaster_trains_on_the_settled_loss_and_the_cli_scores_it_so(runs, tmp_path, capsys):
+    import json
+
+    from sleepbot.cli import main
+    from sleepbot.forecast.module import ForecasterTrainConfig, train_forecaster
+
+    paths = [str(p) for p in runs[0]]
+    cfg = ForecasterTrainConfig(
+        model="multiscale",
+        context=6,
+        min_context=3,
+        horizons=(2,),
+        baselines=(),
+        objective="loss",
+        settle_steps=2,
+        groups_per_epoch=16,
+        jump_examples=32,
+        val_stride=3,
+        val_fraction=0.5,
+        test_fraction=0.0,
+        threads=1,
+    )
+    result = train_forecaster(paths, cfg, trainer_kwargs={"max_steps": 8}, out=tmp_path / "s.pt")
+    scores = result.val_scores["multiscale"]
+    assert (
+        np.isfinite(scores["val_loss"]) and scores["val_oracle"] < 0
+    )  # the true future, settled, still gains
+    out = tmp_path / "settled.json"
+    args = ["evaluate-forecaster", "--forecaster", str(tmp_path / "s.pt"), "--data", str(runs[0][0].parent)]
+    assert main([*args, "--split", "val", "--jumps", "--settle-steps", "2", "--json", str(out)]) == 0
+    assert "both trained on for 2 updates" in capsys.readouterr().out
+    res = json.loads(out.read_text())["multiscale"]
+    assert res["samples"] > 0 and np.isfinite(res["log_ratio"]) and res["oracle_log_ratio"] < 0
+    assert main([*args, "--settle-steps", "2"]) == 2
+    assert "pass it with --jumps" in capsys.readouterr().err
