@@ -131,3 +131,49 @@ def test_a_degraded_oracle_scales_the_true_displacement_and_adds_noise(recorded)
         err = after2.at[6][layer] - want  # noise: 0.5 x each neuron's RMS displacement x N(0, 1)
         ratio = err.pow(2).mean(1).sqrt() / d.pow(2).mean(1).sqrt()
         assert 0.1 < float(ratio.median()) < 1.0, (layer, ratio)
+
+
+def test_the_projected_oracle_fits_the_true_jump_by_the_history_s_trends(recorded):
+    """`project`: the true displacement replaced by its best fit from the multiscale forecaster's trend features."""
+    from sleepbot.errors import SleepbotError
+    from sleepbot.forecast.base import neuron_scale
+    from sleepbot.forecast.multiscale import trend_features
+    from sleepbot.sleep.strategies import Oracle, project_on_history
+
+    path, snaps = recorded
+    hist = torch.stack([snaps[s]["body.0"] for s in range(0, 20, 2)]).double()  # [10, N, F]
+    scale = neuron_scale(hist)
+    x = torch.stack(trend_features(hist, scale), -1) * scale[:, None, None]  # [N, F, 9]
+    torch.manual_seed(0)
+    per_neuron = (x @ torch.randn(x.shape[0], 9, 1, dtype=x.dtype))[..., 0]  # a different mix for each neuron
+    shared = (x @ torch.randn(9, 1, dtype=x.dtype))[..., 0]
+    torch.testing.assert_close(project_on_history(per_neuron, hist, "neuron"), per_neuron)
+    torch.testing.assert_close(project_on_history(shared, hist, "layer"), shared)
+    layer_fit = project_on_history(per_neuron, hist, "layer")
+    assert (
+        layer_fit - per_neuron
+    ).norm() > 0.1 * per_neuron.norm()  # one mix cannot fit the neurons' own ones
+    d = (
+        snaps[30]["body.0"].double() - hist[-1]
+    )  # a real jump: its fit leaves a residual orthogonal to the features
+    fit = project_on_history(d, hist, "neuron")
+    residual = d - fit
+    assert 0 < residual.norm() < d.norm()
+    assert float((x * residual[..., None]).sum(1).abs().max()) < 1e-8 * float(d.norm() * x.norm())
+    with pytest.raises(SleepbotError, match="valid: neuron, layer, or none"):
+        Oracle(str(path), project="weight")
+
+    # In a Trainer: it waits for the multiscale forecaster's 5 snapshots, then jumps to a fit of the true jump.
+    cb, before, after = (
+        Sleep("oracle", run=str(path), every_n_steps=6, horizon=2, snapshot_every=2, project="neuron"),
+        BeforeSleep(),
+        AfterSleep(),
+    )
+    _fit([before, cb, after], max_steps=14)
+    assert [e["step"] for e in cb.events if e["accepted"]] == [12]
+    moved = after.at[12]["body.0"] - before.at[12]["body.0"]
+    true = snaps[16]["body.0"] - before.at[12]["body.0"]
+    assert (
+        0 < moved.norm() < true.norm()
+        and torch.nn.functional.cosine_similarity(moved.flatten(), true.flatten(), dim=0) > 0.5
+    )

@@ -352,21 +352,43 @@ class Oracle(SleepStrategy):
             displacement D (per layer, from the weights now) ...
         noise: ... plus `noise` x the RMS of each neuron's D x N(0, 1) per weight. With scale 1 a forecast this
             noisy scores R2_disp = 1 - noise^2; with noise 0, R2_disp = 1 - (1 - scale)^2.
+        project: the ceiling of a forecaster family: D replaced by its least-squares fit from the weights' own
+            history, as the multiscale forecaster forecasts (a mix of the 9 trend features of
+            `sleepbot.forecast.multiscale.trend_features`), with the best mix for this very jump: `neuron`, one mix
+            per neuron (what the multiscale forecaster's per-neuron coefficients could at best reach), or `layer`,
+            one per layer. It reads the history as the multiscale forecaster does (5 to 20 snapshots, carried
+            across jumps).
     """
 
-    def __init__(self, run: str, mode: str = "absolute", scale: float = 1.0, noise: float = 0.0) -> None:
+    PROJECTIONS = ("neuron", "layer")
+
+    def __init__(
+        self,
+        run: str,
+        mode: str = "absolute",
+        scale: float = 1.0,
+        noise: float = 0.0,
+        project: str | None = None,
+    ) -> None:
         if mode not in ("absolute", "displacement"):
             raise SleepbotError(f"unknown oracle mode {mode!r}; valid: absolute, displacement")
         if not (scale >= 0 and noise >= 0):
             raise SleepbotError(f"oracle scale and noise must be >= 0, got {scale}, {noise}")
+        if project is not None and project not in self.PROJECTIONS:
+            raise SleepbotError(
+                f"unknown oracle projection {project!r}; valid: {', '.join(self.PROJECTIONS)}, or none"
+            )
         self.run = str(run)
         self.mode = mode
         self.scale = float(scale)
         self.noise = float(noise)
+        self.project = project
         self._file: Any = None
         self._steps: list[int] = []
 
     def defaults(self) -> dict[str, Any]:
+        if self.project:  # the multiscale forecaster's reading of the history
+            return {"context": 20, "min_context": 5, "carry_history": True}
         return {"context": 1}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -428,7 +450,27 @@ class Oracle(SleepStrategy):
             eps = torch.randn(d.shape, generator=ctx.generator, dtype=d.dtype).to(d.device)
             rms = d.pow(2).mean(1, keepdim=True).sqrt()  # [N, 1]
             out = cur + self.scale * d + self.noise * rms * eps
+        if self.project:
+            out = cur + project_on_history(out - cur, history, per=self.project)
         return out
+
+
+def project_on_history(d: torch.Tensor, history: torch.Tensor, per: str = "neuron") -> torch.Tensor:
+    """The least-squares fit of displacements d [N, F] by the 9 trend features of `history` [C, N, F] (the
+    multiscale forecaster's inputs), with one mix per neuron (`neuron`) or one for the whole layer (`layer`).
+    Solved by SVD (gelsd): the features are linearly dependent."""
+    from sleepbot.forecast.base import neuron_scale
+    from sleepbot.forecast.multiscale import trend_features
+
+    h = history.double()
+    scale = neuron_scale(h)
+    x = torch.stack(trend_features(h, scale), -1) * scale[:, None, None]  # [N, F, 9], in weight units
+    y = d.double()
+    if per == "layer":
+        x, y = x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1)
+    coef = torch.linalg.lstsq(x.cpu(), y.cpu()[..., None], driver="gelsd").solution  # [N or 1, 9, 1]
+    fit = (x.cpu() @ coef)[..., 0].reshape(d.shape)
+    return fit.to(dtype=d.dtype, device=d.device)
 
 
 def _kept_neurons(run_file: Any, layer: str, n: int) -> torch.Tensor:
