@@ -38,7 +38,7 @@ class RunModel:
         info: the run (its file's config rebuilds the network and the data split).
         data_cache: {data config key: (train inputs, train targets, input shape, classes)} shared across runs.
         settle: also prepare `settle` (the run's own optimizer continued from its recorded state): the run must be
-            trained with one of SETTLE_OPTIMIZERS and recorded with `record.optimizer_state: true`.
+            trained with one of SETTLE_STATE's optimizers and recorded with `record.optimizer_state: true`.
     """
 
     def __init__(
@@ -165,7 +165,7 @@ class RunModel:
                 s["exp_avg_sq"] = b2 * s["exp_avg_sq"] + (1 - b2) * g * g
                 t = k + 1
                 # sqrt's derivative is unbounded at 0 (a weight whose gradient has always been 0): 1e-20 under it
-                # changes no value beyond eps's own rounding
+                # moves the denominator by at most 1e-10, a hundredth of eps
                 denom = (s["exp_avg_sq"] / (1 - b2**t) + 1e-20).sqrt() + eps
                 w[name] = p - lr * (s["exp_avg"] / (1 - b1**t)) / denom
         return w if create_graph else {k: v.detach() for k, v in w.items()}
