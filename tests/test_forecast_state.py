@@ -347,9 +347,8 @@ def test_a_forecaster_trains_on_the_settled_loss_and_the_cli_scores_it_so(runs, 
     )
     result = train_forecaster(paths, cfg, trainer_kwargs={"max_steps": 8}, out=tmp_path / "s.pt")
     scores = result.val_scores["multiscale"]
-    assert (
-        np.isfinite(scores["val_loss"]) and scores["val_oracle"] < 0
-    )  # the true future, settled, still gains
+    # the true future, settled, still gains
+    assert np.isfinite(scores["val_loss"]) and scores["val_oracle"] < 0
     out = tmp_path / "settled.json"
     args = ["evaluate-forecaster", "--forecaster", str(tmp_path / "s.pt"), "--data", str(runs[0][0].parent)]
     assert main([*args, "--split", "val", "--jumps", "--settle-steps", "2", "--json", str(out)]) == 0

@@ -150,12 +150,10 @@ def test_the_projected_oracle_fits_the_true_jump_by_the_history_s_trends(recorde
     torch.testing.assert_close(project_on_history(per_neuron, hist, "neuron"), per_neuron)
     torch.testing.assert_close(project_on_history(shared, hist, "layer"), shared)
     layer_fit = project_on_history(per_neuron, hist, "layer")
-    assert (
-        layer_fit - per_neuron
-    ).norm() > 0.1 * per_neuron.norm()  # one mix cannot fit the neurons' own ones
-    d = (
-        snaps[30]["body.0"].double() - hist[-1]
-    )  # a real jump: its fit leaves a residual orthogonal to the features
+    # one mix cannot fit the neurons' own ones
+    assert (layer_fit - per_neuron).norm() > 0.1 * per_neuron.norm()
+    # a real jump: its fit leaves a residual orthogonal to the features
+    d = snaps[30]["body.0"].double() - hist[-1]
     fit = project_on_history(d, hist, "neuron")
     residual = d - fit
     assert 0 < residual.norm() < d.norm()
