@@ -365,17 +365,16 @@ def jump_log_ratio(
 
 
 def landing_log_ratio(
-    run_model: RunModel, sample: dict[str, Any], mats: dict[str, torch.Tensor]
+    run_model: RunModel, sample: dict[str, Any], mats: dict[str, torch.Tensor], base: torch.Tensor
 ) -> torch.Tensor:
     """log(L(mats) / L(w)) for given jumped weights (the oracle's, in validation), settled as `jump_log_ratio`
-    settles; no gradient."""
-    now = {k: h[-1] for k, h in sample["history"].items()}
+    settles; `base` is the log(L(w)) that `jump_log_ratio` returned for the same sample (so the no-jump run is
+    not replayed twice). No gradient."""
     batches = sample.get("batches")
     with torch.no_grad():
         if batches:
-            now = run_model.settle(now, sample["state"], sample["step"], batches)
             mats = run_model.settle(mats, sample["state"], sample["step"], batches)
-        return run_model.loss(mats, sample["examples"]).log() - run_model.loss(now, sample["examples"]).log()
+        return run_model.loss(mats, sample["examples"]).log() - base
 
 
 def evaluate_jumps(
@@ -422,7 +421,7 @@ def evaluate_jumps(
             ratio, base = jump_log_ratio(forecaster, models[s["run"]], s)
             oracle = float("nan")
             if s["future"] is not None:
-                oracle = float(landing_log_ratio(models[s["run"]], s, s["future"]))
+                oracle = float(landing_log_ratio(models[s["run"]], s, s["future"], base))
             if not (math.isfinite(float(ratio)) and math.isfinite(float(base))):
                 skipped += 1
                 continue

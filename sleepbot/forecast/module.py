@@ -159,7 +159,7 @@ class ForecasterModule(pl.LightningModule):
                     continue
                 oracle = [0.0, 0.0]
                 if s["future"] is not None:
-                    oracle = [float(landing_log_ratio(models[s["run"]], s, s["future"])), 1.0]
+                    oracle = [float(landing_log_ratio(models[s["run"]], s, s["future"], base)), 1.0]
                 self._val += torch.tensor(
                     [float(ratio), 1.0, float(ratio < 0), *oracle], dtype=torch.float64, device=self.device
                 )
