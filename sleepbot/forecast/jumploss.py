@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 
 from sleepbot.errors import SleepbotError
+from sleepbot.forecast.state import recorded_state_keys
 from sleepbot.forecast.windows import RunInfo, _shard
 
 
@@ -38,7 +39,7 @@ class RunModel:
         info: the run (its file's config rebuilds the network and the data split).
         data_cache: {data config key: (train inputs, train targets, input shape, classes)} shared across runs.
         settle: also prepare `settle` (the run's own optimizer continued from its recorded state): the run must be
-            trained with one of SETTLE_STATE's optimizers and recorded with `record.optimizer_state: true`.
+            trained with one of `state.STATE_OPTIMIZERS` and recorded with `record.optimizer_state: true`.
     """
 
     def __init__(
@@ -56,20 +57,8 @@ class RunModel:
             config = f.attrs.get("config") or {}
             self.optimizer = str(f.attrs.get("optimizer", ""))
             if settle:
+                recorded_state_keys(f, info.path, [r.name for r in info.layers], "settling")
                 self.lr_by_step = np.asarray(f.metrics["lr"], dtype=np.float64)
-                keys = SETTLE_STATE.get(self.optimizer)
-                if keys is None:
-                    raise SleepbotError(
-                        f"{info.path!r} was trained with {self.optimizer!r}; settling replays "
-                        f"{', '.join(SETTLE_STATE)}"
-                    )
-                for layer in info.layers:
-                    have = f.layer_info(layer.name)["arrays"]
-                    if any(f"optim/{k}" not in have for k in keys):
-                        raise SleepbotError(
-                            f"{info.path!r} holds no optimizer state for {layer.name}; settling needs a run "
-                            f"collected with record.optimizer_state: true"
-                        )
         if not config:
             raise SleepbotError(f"{info.path!r} records no config, so its network cannot be rebuilt")
         cfg = build_config(RunConfig, config)
@@ -169,14 +158,6 @@ class RunModel:
                 denom = (s["exp_avg_sq"] / (1 - b2**t) + 1e-20).sqrt() + eps
                 w[name] = p - lr * (s["exp_avg"] / (1 - b1**t)) / denom
         return w if create_graph else {k: v.detach() for k, v in w.items()}
-
-
-# The optimizers `RunModel.settle` replays, and the state each keeps per weight.
-SETTLE_STATE = {
-    "adam": ("exp_avg", "exp_avg_sq"),
-    "adamw": ("exp_avg", "exp_avg_sq"),
-    "momentum": ("momentum_buffer",),
-}
 
 
 class JumpDataset(IterableDataset):

@@ -36,7 +36,33 @@ from sleepbot.errors import SleepbotError
 from sleepbot.forecast.base import neuron_scale
 from sleepbot.forecast.multiscale import N_FEATURES, R_WINDOWS, trend_features
 
-STATE_OPTIMIZERS = ("adam", "adamw", "momentum")
+# The optimizers whose recorded per-weight state is read here (and replayed by `jumploss.RunModel.settle`), and
+# the state each keeps.
+STATE_KEYS = {
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+    "momentum": ("momentum_buffer",),
+}
+STATE_OPTIMIZERS = tuple(STATE_KEYS)
+
+
+def recorded_state_keys(f: Any, path: str, layers: Iterable[str], use: str) -> tuple[str, ...]:
+    """The state keys of the optimizer that trained the open run file `f`, once every layer in `layers` is checked
+    to have recorded them; a one-line error naming what `use` (e.g. "the state ablation") needs otherwise."""
+    opt = str(f.attrs.get("optimizer", ""))
+    keys = STATE_KEYS.get(opt)
+    if keys is None:
+        raise SleepbotError(f"{path!r} was trained with {opt!r}; {use} reads {', '.join(STATE_OPTIMIZERS)}")
+    for layer in layers:
+        have = f.layer_info(layer)["arrays"]
+        if any(f"optim/{k}" not in have for k in keys):
+            raise SleepbotError(
+                f"{path!r} holds no optimizer state for {layer} (arrays: {', '.join(have)}); collect with "
+                f"record.optimizer_state: true"
+            )
+    return keys
+
+
 # Columns of a window's X: the 9 trend features (r_k then s_k), the state's step, the slopes s_k replaced by their
 # best low-rank approximation over the layer's neurons, and the step the optimizer would take with the gradient
 # of the whole training split (zeros unless asked for).
@@ -82,8 +108,7 @@ def optimizer_step(
         raise SleepbotError(
             f"no optimizer step can be read from the state of {optimizer!r}; valid: {', '.join(STATE_OPTIMIZERS)}"
         )
-    need = ("momentum_buffer",) if optimizer == "momentum" else ("exp_avg", "exp_avg_sq")
-    missing = [k for k in need if k not in state]
+    missing = [k for k in STATE_KEYS[optimizer] if k not in state]
     if missing:
         raise SleepbotError(
             f"the {optimizer} state lacks {', '.join(missing)}; record it with record.optimizer_state: true"
@@ -128,26 +153,16 @@ def run_windows(
     from sleepbot.store import RunFile
 
     with RunFile(path) as f:
-        opt = str(f.attrs.get("optimizer", ""))
-        if opt not in STATE_OPTIMIZERS:
-            raise SleepbotError(
-                f"{path!r} was trained with {opt!r}; the state ablation reads {', '.join(STATE_OPTIMIZERS)}"
-            )
+        layers = list(f.layers)
+        keys = recorded_state_keys(f, path, layers, "the state ablation")
+        opt = str(f.attrs["optimizer"])
         model = (f.attrs.get("config") or {}).get("model", {})
         betas = (0.9, 0.999)
         wd = float(model.get("weight_decay", 0.0)) if opt == "adamw" else 0.0
         steps = np.asarray(f.snapshot_steps)
         lr_by_step = np.asarray(f.metrics["lr"])  # [T], the lr in force at each step
-        layers = list(f.layers)
-        keys = ("momentum_buffer",) if opt == "momentum" else ("exp_avg", "exp_avg_sq")
         data = []
         for layer in layers:
-            have = f.layer_info(layer)["arrays"]
-            if any(f"optim/{k}" not in have for k in keys):
-                raise SleepbotError(
-                    f"{path!r} holds no optimizer state for {layer} (arrays: {', '.join(have)}); collect with "
-                    f"record.optimizer_state: true"
-                )
             w = torch.as_tensor(f.weights(layer)).double()
             st = {k: torch.as_tensor(f.array(layer, f"optim/{k}")).double() for k in keys}
             data.append((w, st))
