@@ -175,3 +175,42 @@ def test_the_projected_oracle_fits_the_true_jump_by_the_history_s_trends(recorde
         0 < moved.norm() < true.norm()
         and torch.nn.functional.cosine_similarity(moved.flatten(), true.flatten(), dim=0) > 0.5
     )
+
+
+def test_an_extra_column_fits_the_true_jump_at_least_as_well(recorded):
+    """`extra`: the optimizer's update (or a random control) as a 10th column of the projection's fit."""
+    from sleepbot.errors import SleepbotError
+    from sleepbot.sleep.strategies import Oracle, project_on_history
+
+    path, snaps = recorded
+    hist = torch.stack([snaps[s]["body.0"] for s in range(0, 20, 2)]).double()  # [10, N, F]
+    d = snaps[30]["body.0"].double() - hist[-1]
+    residual = d - project_on_history(d, hist, "neuron")
+    # the part of the jump the trends miss, given as a column, is fit exactly
+    torch.testing.assert_close(project_on_history(d, hist, "neuron", extra=[residual]), d)
+    with pytest.raises(SleepbotError, match="valid: state, random, or none"):
+        Oracle(str(path), project="neuron", extra="gradient")
+    with pytest.raises(SleepbotError, match="give project too"):
+        Oracle(str(path), extra="state")
+
+    # In a Trainer, the first jump (same run up to it in every arm) lands at least as near the true target with a
+    # column more, whichever it is.
+    missed = {}
+    for extra in (None, "state", "random"):
+        cb, before, after = (
+            Sleep(
+                "oracle",
+                run=str(path),
+                every_n_steps=6,
+                horizon=2,
+                snapshot_every=2,
+                project="neuron",
+                extra=extra,
+            ),
+            BeforeSleep(),
+            AfterSleep(),
+        )
+        _fit([before, cb, after], max_steps=14)
+        assert cb.strategy.reads_optimizer is (extra == "state")
+        missed[extra] = sum(float((after.at[12][k] - snaps[16][k]).norm()) for k in snaps[16])
+    assert missed["state"] < missed[None] and missed["random"] < missed[None]

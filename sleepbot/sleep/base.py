@@ -52,6 +52,9 @@ class LayerContext:
         jumped: the steps skipped by this run's earlier accepted jumps (`horizon * snapshot_every` each), so that
             the weights now stand where a run without sleep would be at about `step + jumped` (the oracle reads
             its recording there).
+        update: the update the optimizer's state points to now, [N, F] like the history
+            (`sleepbot.sleep.optim_state.optimizer_update`: Adam, AdamW, SGD with momentum), filled only for a
+            strategy whose `reads_optimizer` is True, and None when the optimizer is another one.
     """
 
     layer: str
@@ -62,6 +65,7 @@ class LayerContext:
     progress: float = 0.0
     generator: torch.Generator | None = None
     jumped: int = 0
+    update: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,10 +83,12 @@ class SleepStrategy(ABC):
     Attributes:
         name: the registry name (set by `register_strategy`).
         moves_weights: False only for the `none` control, which the callback then never runs.
+        reads_optimizer: True for a strategy that reads `LayerContext.update` (the callback computes it only then).
     """
 
     name: str = "custom"
     moves_weights: bool = True
+    reads_optimizer: bool = False
 
     @abstractmethod
     def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:

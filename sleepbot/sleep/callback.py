@@ -56,7 +56,7 @@ from sleepbot.errors import SleepbotError
 from sleepbot.neurons import layer_kind, neuron_layers, neuron_matrix, set_neuron_matrix
 from sleepbot.sleep.base import EveryNSteps, LayerContext, SleepSettings, SleepStrategy, make_strategy
 from sleepbot.sleep.held import LossFn, held_loss, norm_layers, norm_state, recompute_norms, set_norm_state
-from sleepbot.sleep.optim_state import adjust_optimizer_state, check_policy
+from sleepbot.sleep.optim_state import adjust_optimizer_state, check_policy, optimizer_update
 
 log = logging.getLogger(__name__)
 
@@ -622,6 +622,9 @@ class Sleep(pl.Callback):
                 generator=gen,
                 jumped=self._jumped,
             )
+            if self.strategy.reads_optimizer:
+                update = optimizer_update(trainer.optimizers, module)
+                ctx.update = None if update is None else update.to(cur.device, cur.dtype)
             new = self.strategy.propose(history, self.horizon, ctx)
             if tuple(new.shape) != tuple(cur.shape):
                 raise SleepbotError(

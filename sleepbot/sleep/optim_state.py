@@ -137,3 +137,48 @@ def _adjust_schedule_free(
                 for key in _SECOND_MOMENTS:
                     if torch.is_tensor(state.get(key)) and state[key].shape == p.shape:
                         state[key].mul_(r * r)
+
+
+_UPDATE_RULES = {"Adam": "adam", "AdamW": "adamw", "SGD": "momentum"}
+
+
+@torch.no_grad()
+def optimizer_update(optimizers: Iterable[torch.optim.Optimizer], module: nn.Module) -> torch.Tensor | None:
+    """The update the optimizer's state points to for one layer, [N, F] in neuron_matrix's layout (bias last):
+    its last step recomputed from the state and the param group now (`sleepbot.forecast.state.optimizer_step`:
+    -lr m_hat / (sqrt(v_hat) + eps) for Adam, plus AdamW's decay, and -lr * momentum_buffer for SGD with
+    momentum). None when the layer's optimizer is another one (Schedule-Free, plain SGD, ...), uses amsgrad or
+    nesterov, or has not stepped yet: a strategy that reads it must do without."""
+    from sleepbot.forecast.state import optimizer_step
+
+    for opt in optimizers:
+        group = next((g for g in opt.param_groups if any(p is module.weight for p in g["params"])), None)
+        if group is None:
+            continue
+        rule = _UPDATE_RULES.get(type(opt).__name__)
+        if rule is None or is_schedule_free(opt) or group.get("amsgrad") or group.get("nesterov"):
+            return None
+        if rule == "momentum" and not group.get("momentum"):
+            return None
+        params = [module.weight] + ([module.bias] if has_bias(module) else [])
+        states = [opt.state.get(p) or {} for p in params]
+        keys = ("momentum_buffer",) if rule == "momentum" else ("exp_avg", "exp_avg_sq")
+        if any(not torch.is_tensor(s.get(k)) for s in states for k in keys):
+            return None
+        n = module.weight.shape[0]
+        dtype = torch.promote_types(module.weight.dtype, torch.float32)  # bf16/fp16 state read in float32
+        state = {k: torch.cat([s[k].reshape(n, -1) for s in states], 1).to(dtype) for k in keys}
+        step = int(states[0].get("step", 0)) if rule != "momentum" else 0
+        lr = float(group["lr"])  # the lr now: a scheduler that has stepped since shows its next value
+        weights = torch.cat([p.detach().reshape(n, -1) for p in params], 1).to(dtype)
+        return optimizer_step(
+            rule,
+            state,
+            lr=lr,
+            step=step,
+            weights=weights,
+            betas=tuple(group.get("betas", (0.9, 0.999))),
+            eps=float(group.get("eps", 1e-8)),
+            weight_decay=float(group.get("weight_decay", 0.0)),
+        )
+    return None

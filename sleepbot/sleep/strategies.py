@@ -16,6 +16,7 @@ Every strategy works on one layer: `history` [C, N, F] (oldest first, `history[-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -358,9 +359,14 @@ class Oracle(SleepStrategy):
             per neuron (what the multiscale forecaster's per-neuron coefficients could at best reach), or `layer`,
             one per layer. It reads the history as the multiscale forecaster does (5 to 20 snapshots, carried
             across jumps).
+        extra: one more column for the projection's fit, to ask whether an input beyond the history raises the
+            ceiling: `state`, the update the optimizer's state points to now (`LayerContext.update`; Adam, AdamW,
+            SGD with momentum), or `random`, a random direction per neuron of the same size: the control for the
+            degree of freedom a column adds (a neuron with few inputs is fit better by any extra column).
     """
 
     PROJECTIONS = ("neuron", "layer")
+    EXTRAS = ("state", "random")
 
     def __init__(
         self,
@@ -369,6 +375,7 @@ class Oracle(SleepStrategy):
         scale: float = 1.0,
         noise: float = 0.0,
         project: str | None = None,
+        extra: str | None = None,
     ) -> None:
         if mode not in ("absolute", "displacement"):
             raise SleepbotError(f"unknown oracle mode {mode!r}; valid: absolute, displacement")
@@ -378,11 +385,19 @@ class Oracle(SleepStrategy):
             raise SleepbotError(
                 f"unknown oracle projection {project!r}; valid: {', '.join(self.PROJECTIONS)}, or none"
             )
+        if extra is not None and extra not in self.EXTRAS:
+            raise SleepbotError(
+                f"unknown oracle extra column {extra!r}; valid: {', '.join(self.EXTRAS)}, or none"
+            )
+        if extra is not None and project is None:
+            raise SleepbotError("the oracle's extra column is a column of its projection: give project too")
         self.run = str(run)
         self.mode = mode
         self.scale = float(scale)
         self.noise = float(noise)
         self.project = project
+        self.extra = extra
+        self.reads_optimizer = extra == "state"
         self._file: Any = None
         self._steps: list[int] = []
 
@@ -451,20 +466,36 @@ class Oracle(SleepStrategy):
             rms = d.pow(2).mean(1, keepdim=True).sqrt()  # [N, 1]
             out = cur + self.scale * d + self.noise * rms * eps
         if self.project:
-            out = cur + project_on_history(out - cur, history, per=self.project)
+            columns = []
+            if self.extra == "state":
+                if ctx.update is None:
+                    raise SleepbotError(
+                        "oracle extra 'state' reads the optimizer's update, which is known for Adam, AdamW and SGD "
+                        "with momentum only"
+                    )
+                columns.append(ctx.update)
+            elif self.extra == "random":
+                from sleepbot.forecast.base import neuron_scale
+
+                eps = torch.randn(cur.shape, generator=ctx.generator, dtype=torch.float64).to(cur.device)
+                columns.append(eps * neuron_scale(history.double())[:, None])
+            out = cur + project_on_history(out - cur, history, per=self.project, extra=columns)
         return out
 
 
-def project_on_history(d: torch.Tensor, history: torch.Tensor, per: str = "neuron") -> torch.Tensor:
+def project_on_history(
+    d: torch.Tensor, history: torch.Tensor, per: str = "neuron", extra: Sequence[torch.Tensor] = ()
+) -> torch.Tensor:
     """The least-squares fit of displacements d [N, F] by the 9 trend features of `history` [C, N, F] (the
-    multiscale forecaster's inputs), with one mix per neuron (`neuron`) or one for the whole layer (`layer`).
-    Solved by SVD (gelsd): the features are linearly dependent."""
+    multiscale forecaster's inputs) and the `extra` columns ([N, F] each, in weight units), with one mix per neuron
+    (`neuron`) or one for the whole layer (`layer`). Solved by SVD (gelsd): the features are linearly dependent."""
     from sleepbot.forecast.base import neuron_scale
     from sleepbot.forecast.multiscale import trend_features
 
     h = history.double()
     scale = neuron_scale(h)
-    x = torch.stack(trend_features(h, scale), -1) * scale[:, None, None]  # [N, F, 9], in weight units
+    cols = [f * scale[:, None] for f in trend_features(h, scale)] + [e.double().to(h.device) for e in extra]
+    x = torch.stack(cols, -1)  # [N, F, 9 + len(extra)], in weight units
     y = d.double()
     if per == "layer":
         x, y = x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1)
