@@ -112,6 +112,23 @@ def make_logger(cfg: RunConfig):
     return loggers
 
 
+class ReleaseProcessGroup(pl.Callback):
+    """Destroys the process group at teardown in a rank that Lightning spawned (`ddp_spawn`, `ddp_fork`), where the
+    fit is over and the process is about to exit. Left to the interpreter's exit handlers, a spawned gloo rank
+    sometimes aborts after a finished fit ("terminate called without an active exception", SIGABRT; about 1 run in
+    10 on a 2-core machine), and the launcher then fails the whole fit. In the launching process, or under a
+    launcher that runs scripts (`ddp`, torchrun), the group is left alone: the caller may still use it. Callbacks'
+    teardowns run after the strategy's, and in list order: put it last."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import multiprocessing
+
+        if multiprocessing.parent_process() is None:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def make_trainer(cfg: RunConfig, callbacks: list[pl.Callback] | None = None, **overrides: Any) -> pl.Trainer:
     """A Trainer that validates every `val_every_n_steps` optimizer steps, across epoch boundaries."""
     t = cfg.trainer
@@ -134,7 +151,7 @@ def make_trainer(cfg: RunConfig, callbacks: list[pl.Callback] | None = None, **o
         enable_progress_bar=bool(progress),
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=callbacks or [],
+        callbacks=[*(callbacks or []), ReleaseProcessGroup()],
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)

@@ -16,7 +16,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from test_sleep_helpers import ReleaseProcessGroup
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,6 +23,7 @@ from sleepbot.errors import SleepbotError
 from sleepbot.neurons import neuron_matrix, neuron_norms
 from sleepbot.recording import RecorderCore, TrajectoryRecorder, recorder_from_config, sample_neurons
 from sleepbot.store import RunFile, StoreError
+from sleepbot.training import ReleaseProcessGroup
 
 
 def _toy_model() -> nn.Module:

@@ -11,9 +11,10 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy
-from test_sleep_helpers import ReleaseProcessGroup, TinyNet, digits_loader, trainer
+from test_sleep_helpers import TinyNet, digits_loader, trainer
 
 from sleepbot.sleep import Sleep, SleepStrategy
+from sleepbot.training import ReleaseProcessGroup
 
 
 class RankShift(SleepStrategy):
@@ -143,3 +144,25 @@ def test_a_jump_undone_by_its_verdict_is_undone_on_every_replica(tmp_path):
     for k in pre[0]:
         assert torch.equal(post[0][k], post[1][k]), k  # identical replicas after the verdict
         assert torch.equal(post[0][k], pre[0][k]), k  # back to the state before the jump
+
+
+def _release_in_child(queue, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    ReleaseProcessGroup().teardown(None, None, "fit")
+    queue.put(dist.is_initialized())
+
+
+def test_the_process_group_is_released_in_spawned_ranks_only(tmp_path):
+    """A rank Lightning spawned destroys its group at teardown; the launching process keeps its own."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    child = ctx.Process(target=_release_in_child, args=(queue, str(tmp_path / "child_store")))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0 and queue.get() is False
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ReleaseProcessGroup().teardown(None, None, "fit")
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -49,17 +49,6 @@ class TinyNet(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-class ReleaseProcessGroup(pl.Callback):
-    """Destroys the gloo process group at teardown, where the ranks have finished with it, rather than leaving it to
-    the interpreter's exit handlers: left to those, a spawned rank sometimes aborts on exit after the fit is done
-    ("terminate called without an active exception", SIGABRT; about 1 run in 10 on a 2-core machine). Put it last:
-    callbacks' teardowns run in list order."""
-
-    def teardown(self, trainer, pl_module, stage):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
 def trainer(max_steps: int = 20, callbacks=None, **kwargs) -> pl.Trainer:
     opts = dict(
         max_steps=max_steps,

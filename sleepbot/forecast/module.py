@@ -366,6 +366,10 @@ def fit_one(
     config.update(options or {})
     module = ForecasterModule(name, config, lr=cfg.lr, weight_decay=cfg.weight_decay, objective=cfg.objective)
     kwargs = {**default_trainer_kwargs(), **(trainer_kwargs or {})}
+    from sleepbot.training import ReleaseProcessGroup
+
+    given = kwargs.get("callbacks") or []
+    kwargs["callbacks"] = [*(given if isinstance(given, list | tuple) else [given]), ReleaseProcessGroup()]
     if cfg.objective == "loss":
         train, val = _jump_datasets(module, cfg, train_runs, val_runs, min_context or cfg.context)
         kwargs.setdefault("gradient_clip_val", 1.0)  # a wild early jump can make the base loss huge
