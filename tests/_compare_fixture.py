@@ -2,7 +2,7 @@
 
 Digits, 256 training examples, 40 steps, 2 seeds; two base optimizers (Adam, the reference, and SGD+momentum,
 the alternative), each tuned on its own 2-point grid with 1 development seed; arms none, momentum (alone), linear
-and oracle on Adam, linear on momentum. Trained in-process (workers=1): 14 short runs.
+and oracle on Adam, linear on momentum; the oracle paired against linear. Trained in-process (workers=1): 14 short runs.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ TINY = {
             "chosen_on": "nothing (a test)",
         },
     ],
+    "pairs": [["oracle", "linear"]],
 }
 
 _CACHE: dict[str, Path] = {}

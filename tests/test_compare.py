@@ -51,6 +51,10 @@ def comparison(tmp_path_factory):
         ({"tune": {"step": 3}}, "unknown tune key 'step'"),
         ({"arms": ["none", {"name": "../x", "strategy": "linear"}]}, "arm name '../x' must be"),
         ({"arms": ["none", {"name": "x", "strategy": "dream"}]}, "unknown sleep.strategy 'dream'"),
+        ({"pairs": [["oracle", "dream"]]}, r"pairs\[0\]: unknown arm 'dream'; valid: none, "),
+        ({"pairs": [["linear", "linear"]]}, "compares arm 'linear' with itself"),
+        ({"pairs": [["linear"]]}, r"pairs\[0\] must be \[arm, against\]"),
+        ({"pairs": "oracle"}, "must be a list of"),
     ],
 )
 def test_bad_compare_configs_are_one_line_errors(change, message):
@@ -146,6 +150,21 @@ def test_speedups_are_paired_against_the_baseline_and_the_best_alternative(compa
     lr = w["tuning"]["momentum"]["lr"]
     assert {r["config"]["model"]["optimizer"] for r in runs["linear+momentum"]} == {"momentum"}
     assert {r["config"]["model"]["lr"] for r in runs["linear+momentum"] + runs["momentum"]} == {lr}
+
+
+def test_pairs_are_one_arm_against_another_paired_by_seed(comparison):
+    from sleepbot.analysis import paired_speedup
+    from sleepbot.compare import format_table
+
+    results = load_results(comparison)
+    w = results["workloads"]["default"]
+    (pair,) = w["pairs"]
+    expect = paired_speedup(w["arms"]["linear"]["steps_to_target"], w["arms"]["oracle"]["steps_to_target"])
+    assert (pair["arm"], pair["vs"], pair["n_pairs"]) == ("oracle", "linear", 2)
+    assert (pair["ratio"], pair["p_value"]) == (pytest.approx(expect.ratio), pytest.approx(expect.p_value))
+    md = format_table(results, markdown=True)
+    assert "| arm | against | pairs | speedup [95% CI] | Wilcoxon p |" in md
+    assert f"| oracle | linear | 2 | {pair['ratio']:.2f}x [" in md
 
 
 def test_target_and_steps_match_the_runs(comparison):

@@ -47,6 +47,9 @@ def test_markdown_summary_has_the_headline_table(report):
     for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (md_path.parent / fig).is_file(), fig
     assert "lr" in md and "(chosen)" in md  # the tuned lr and its grid are stated
+    assert re.search(
+        r"^\| oracle \| linear \| 2 \| [0-9.]+x \[", md, re.M
+    )  # the config's pair, under the table
 
 
 def test_no_overwrite_without_permission(comparison, report):

@@ -32,12 +32,14 @@ from sleepbot.compare.config import (
 from sleepbot.compare.harness import check_arms, code_digest, compare, compare_task, run_stem
 from sleepbot.compare.stats import (
     CSV_COLUMNS,
+    PAIR_HEADER,
     RESULTS_SCHEMA,
     TABLE_HEADER,
     choose_lr,
     format_table,
     load_results,
     load_runs,
+    pair_rows,
     summarize_comparison,
     table_notes,
     table_rows,
@@ -45,6 +47,7 @@ from sleepbot.compare.stats import (
 
 __all__ = [
     "CSV_COLUMNS",
+    "PAIR_HEADER",
     "RESULTS_SCHEMA",
     "TABLE_HEADER",
     "Arm",
@@ -61,6 +64,7 @@ __all__ = [
     "load_results",
     "load_runs",
     "log_grid",
+    "pair_rows",
     "parse_compare_config",
     "run_stem",
     "summarize_comparison",

@@ -73,6 +73,8 @@ class CompareConfig:
     miss_factor: float = 2.0
     snapshot_every: int = 10  # snapshot interval of every recorded run (the oracle reads the no-sleep ones)
     n_boot: int = 2000
+    # (arm, against): the speedup of one arm over another, paired by seed, beside the table (e.g. two variants)
+    pairs: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +99,7 @@ _TOP_KEYS = (
     "target",
     "miss_factor",
     "snapshot_every",
+    "pairs",
 )
 _TUNE_KEYS = ("lrs", "low", "high", "num", "seeds", "seed_start")
 _OPT_KEYS = ("name", "model", "lrs", "low", "high", "num")
@@ -257,7 +260,9 @@ def parse_compare_config(values: dict[str, Any], seeds: int | None = None) -> Co
     snapshot_every = values.get("snapshot_every", 10)
     if not isinstance(snapshot_every, int) or snapshot_every < 1:
         raise ConfigError(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
+    pairs = _parse_pairs(values.get("pairs") or [], [a.name for a in arms])
     return CompareConfig(
+        pairs=pairs,
         workloads=workloads,
         arms=arms,
         seeds=seed_list,
@@ -268,6 +273,23 @@ def parse_compare_config(values: dict[str, Any], seeds: int | None = None) -> Co
         miss_factor=miss,
         snapshot_every=snapshot_every,
     )
+
+
+def _parse_pairs(raw: Any, arms: list[str]) -> list[tuple[str, str]]:
+    """`pairs: [[arm, against], ...]`: two different arms of this config each."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"compare config 'pairs' must be a list of [arm, against] pairs, got {raw!r}")
+    out: list[tuple[str, str]] = []
+    for i, pair in enumerate(raw):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise ConfigError(f"pairs[{i}] must be [arm, against], got {pair!r}")
+        for name in pair:
+            if name not in arms:
+                raise ConfigError(f"pairs[{i}]: unknown arm {name!r}; valid: {', '.join(arms)}")
+        if pair[0] == pair[1]:
+            raise ConfigError(f"pairs[{i}] compares arm {pair[0]!r} with itself; give two different arms")
+        out.append((str(pair[0]), str(pair[1])))
+    return out
 
 
 def _seed_list(spec: Any, start: Any, where: str) -> list[int]:

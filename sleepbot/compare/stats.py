@@ -266,7 +266,14 @@ def summarize_comparison(
                 cfg.n_boot,
             )
             arms[a.name]["fraction_of_oracle"] = {"value": v, "lo": lo, "hi": hi, "oracle": oracle}
+        pairs = []
+        for name, against in cfg.pairs:
+            if arms[name].get("n") and arms[against].get("n"):
+                sp = _paired_vs(arms[against], arms[name], cfg.n_boot, against)
+                if sp is not None:
+                    pairs.append({"arm": name, **sp})
         out[w.name] = {
+            "pairs": pairs,
             "target": target,
             "target_source": target_source,
             "budget": budget,
@@ -522,25 +529,45 @@ def table_notes(results: dict[str, Any], wname: str) -> list[str]:
     return notes
 
 
+PAIR_HEADER = ("arm", "against", "pairs", "speedup [95% CI]", "Wilcoxon p")
+
+
+def pair_rows(workload: dict[str, Any]) -> list[list[str]]:
+    """The config's `pairs` for one workload: each arm's speedup over another, paired by seed (steps to target,
+    sleep costs counted, as in the table)."""
+    return [
+        [p["arm"], p["vs"], str(p["n_pairs"]), _ratio(p, "-"), _f(p["p_value"], 3)]
+        for p in workload.get("pairs") or []
+    ]
+
+
 def format_table(results: dict[str, Any], markdown: bool = False, show_speedup: bool = True) -> str:
-    """Every workload's results table, as fixed-width text (the CLI) or Markdown (report.md, docs/, README)."""
+    """Every workload's results table, as fixed-width text (the CLI) or Markdown (report.md, docs/, README), with
+    the config's arm-against-arm pairs below it."""
     lines: list[str] = []
     for wname in results["workloads"]:
         rows = table_rows(results["workloads"][wname], show_speedup)
+        pairs = pair_rows(results["workloads"][wname]) if show_speedup else []
         notes = table_notes(results, wname)
         if markdown:
             lines.append(f"**{wname}**\n")
-            lines.append("| " + " | ".join(TABLE_HEADER) + " |")
-            lines.append("|" + "|".join("---" for _ in TABLE_HEADER) + "|")
-            lines.extend("| " + " | ".join(r) + " |" for r in rows)
-            lines.append("")
+            for header, body in ((TABLE_HEADER, rows), (PAIR_HEADER, pairs)):
+                if not body:
+                    continue
+                lines.append("| " + " | ".join(header) + " |")
+                lines.append("|" + "|".join("---" for _ in header) + "|")
+                lines.extend("| " + " | ".join(r) + " |" for r in body)
+                lines.append("")
             lines.extend(notes)
             lines.append("")
         else:
             lines.append(f"{wname}: " + notes[0])
-            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(TABLE_HEADER)]
-            lines.append("  " + "  ".join(h.ljust(n) for h, n in zip(TABLE_HEADER, widths)))
-            lines.extend("  " + "  ".join(c.ljust(n) for c, n in zip(r, widths)) for r in rows)
+            for header, body in ((TABLE_HEADER, rows), (PAIR_HEADER, pairs)):
+                if not body:
+                    continue
+                widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+                lines.append("  " + "  ".join(h.ljust(n) for h, n in zip(header, widths)))
+                lines.extend("  " + "  ".join(c.ljust(n) for c, n in zip(r, widths)) for r in body)
             lines.extend("  " + n for n in notes[1:])
     return "\n".join(lines).rstrip() + "\n"
 

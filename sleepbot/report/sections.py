@@ -16,7 +16,7 @@ from sleepbot.report.page import SECTIONS, Figures, Section, add_table, fmt, hea
 
 # ------------------------------------------------------------------------------------------- sections
 def _summary(sec: Section, results: dict[str, Any]) -> None:
-    from sleepbot.compare import table_notes
+    from sleepbot.compare import PAIR_HEADER, pair_rows, table_notes
 
     for wname, w in results["workloads"].items():
         sec.html.append(f"<h3>{html.escape(wname)}</h3>")
@@ -25,6 +25,8 @@ def _summary(sec: Section, results: dict[str, Any]) -> None:
         sec.text(notes[0])
         header, rows = headline_table(w)
         add_table(sec, header, rows)
+        if pair_rows(w):
+            add_table(sec, list(PAIR_HEADER), pair_rows(w))
         for n in notes[1:]:
             sec.text(n)
         base = w["arms"].get(w["baseline"], {})
