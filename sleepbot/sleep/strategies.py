@@ -361,8 +361,9 @@ class Oracle(SleepStrategy):
             across jumps).
         extra: one more column for the projection's fit, to ask whether an input beyond the history raises the
             ceiling: `state`, the update the optimizer's state points to now (`LayerContext.update`; Adam, AdamW,
-            SGD with momentum), or `random`, a random direction per neuron of the same size: the control for the
-            degree of freedom a column adds (a neuron with few inputs is fit better by any extra column).
+            SGD with momentum), or `random`, a random direction per neuron (N(0, 1) per weight; its size does not
+            change the fit): the control for the degree of freedom a column adds (a neuron with few inputs is fit
+            better by any extra column).
     """
 
     PROJECTIONS = ("neuron", "layer")
