@@ -214,3 +214,32 @@ def test_an_extra_column_fits_the_true_jump_at_least_as_well(recorded):
         assert cb.strategy.reads_optimizer is (extra == "state")
         missed[extra] = sum(float((after.at[12][k] - snaps[16][k]).norm()) for k in snaps[16])
     assert missed["state"] < missed[None] and missed["random"] < missed[None]
+
+
+def test_combine_takes_the_forecast_s_direction_or_size_and_the_rest_from_the_true_jump(recorded):
+    """`combine`: per neuron, the forecast's direction with the true jump's length, or the other way round."""
+    from sleepbot.errors import SleepbotError
+    from sleepbot.sleep.base import LayerContext
+    from sleepbot.sleep.strategies import Learned, Oracle
+
+    path, snaps = recorded
+    steps = list(range(0, 10, 2))  # the shipped forecaster's 5 snapshots, 2 steps apart here
+    hist = torch.stack([snaps[s]["body.0"] for s in steps])  # [5, N, F]
+    cur = hist[-1]
+    ctx = LayerContext(layer="body.0", kind="linear", step=8, steps=torch.tensor(steps), snapshot_every=2)
+    true = snaps[12]["body.0"] - cur  # 2 snapshots ahead
+    forecast = Learned().propose(hist, 2, ctx) - cur
+    cos = torch.nn.functional.cosine_similarity
+    for keep, along, length in (("direction", forecast, true), ("size", true, forecast)):
+        oracle = Oracle(str(path), combine=keep)
+        oracle.setup(None, 40)
+        jump = oracle.propose(hist, 2, ctx) - cur
+        torch.testing.assert_close(jump.norm(dim=1), length.norm(dim=1))
+        assert bool((cos(jump, along, dim=1) > 1 - 1e-5).all())
+    assert Oracle(str(path), combine="size").defaults() == Learned().defaults()
+    with pytest.raises(SleepbotError, match="valid: direction, size, or none"):
+        Oracle(str(path), combine="angle")
+    with pytest.raises(SleepbotError, match="not both"):
+        Oracle(str(path), combine="size", project="neuron")
+    with pytest.raises(SleepbotError, match="give combine too"):
+        Oracle(str(path), forecaster="f.pt")

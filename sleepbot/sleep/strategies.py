@@ -364,10 +364,15 @@ class Oracle(SleepStrategy):
             SGD with momentum), or `random`, a random direction per neuron (N(0, 1) per weight; its size does not
             change the fit): the control for the degree of freedom a column adds (a neuron with few inputs is fit
             better by any extra column).
+        combine: where a forecast falls short, in direction or in size: `direction`, each neuron jumps along the
+            forecaster's displacement with the length of the true one; `size`, along the true displacement with the
+            length of the forecaster's. It reads the history as the forecaster does (its defaults).
+        forecaster: the forecaster of `combine` (a checkpoint path; None: the one shipped with sleepbot).
     """
 
     PROJECTIONS = ("neuron", "layer")
     EXTRAS = ("state", "random")
+    COMBINES = ("direction", "size")
 
     def __init__(
         self,
@@ -377,6 +382,8 @@ class Oracle(SleepStrategy):
         noise: float = 0.0,
         project: str | None = None,
         extra: str | None = None,
+        combine: str | None = None,
+        forecaster: str | None = None,
     ) -> None:
         if mode not in ("absolute", "displacement"):
             raise SleepbotError(f"unknown oracle mode {mode!r}; valid: absolute, displacement")
@@ -392,6 +399,14 @@ class Oracle(SleepStrategy):
             )
         if extra is not None and project is None:
             raise SleepbotError("the oracle's extra column is a column of its projection: give project too")
+        if combine is not None and combine not in self.COMBINES:
+            raise SleepbotError(
+                f"unknown oracle combine {combine!r}; valid: {', '.join(self.COMBINES)}, or none"
+            )
+        if combine is not None and project is not None:
+            raise SleepbotError("the oracle combines a forecast with the true jump or projects it, not both")
+        if forecaster is not None and combine is None:
+            raise SleepbotError("the oracle reads a forecaster only to combine it: give combine too")
         self.run = str(run)
         self.mode = mode
         self.scale = float(scale)
@@ -399,10 +414,15 @@ class Oracle(SleepStrategy):
         self.project = project
         self.extra = extra
         self.reads_optimizer = extra == "state"
+        self.combine = combine
+        self.forecaster = None if forecaster is None else str(forecaster)
+        self._learned = Learned(forecaster) if combine else None
         self._file: Any = None
         self._steps: list[int] = []
 
     def defaults(self) -> dict[str, Any]:
+        if self._learned is not None:  # the forecaster's reading of the history
+            return self._learned.defaults()
         if self.project:  # the multiscale forecaster's reading of the history
             return {"context": 20, "min_context": 5, "carry_history": True}
         return {"context": 1}
@@ -413,6 +433,10 @@ class Oracle(SleepStrategy):
             None  # an open HDF5 file does not pickle (ddp_spawn, worker processes): setup reopens
         )
         return state
+
+    def validate(self, settings: SleepSettings) -> None:
+        if self._learned is not None:
+            self._learned.validate(settings)
 
     def setup(self, model: torch.nn.Module, max_steps: int) -> None:
         from sleepbot.store import RunFile
@@ -481,7 +505,22 @@ class Oracle(SleepStrategy):
                 eps = torch.randn(cur.shape, generator=ctx.generator, dtype=torch.float64).to(cur.device)
                 columns.append(eps * neuron_scale(history.double())[:, None])
             out = cur + project_on_history(out - cur, history, per=self.project, extra=columns)
+        if self._learned is not None:
+            out = cur + combine_jumps(
+                out - cur, self._learned.propose(history, horizon, ctx) - cur, self.combine
+            )
         return out
+
+
+def combine_jumps(true: torch.Tensor, forecast: torch.Tensor, keep: str) -> torch.Tensor:
+    """Per neuron (rows of [N, F]), the `direction` of `forecast` with the length of `true`, or the direction of
+    `true` with the length of `forecast` (`size`); a neuron whose direction is undefined (zero) does not move."""
+    along, length = (forecast, true) if keep == "direction" else (true, forecast)
+    norm = along.norm(dim=1, keepdim=True)  # [N, 1]
+    unit = torch.where(
+        norm > 0, along / norm.clamp_min(torch.finfo(along.dtype).tiny), torch.zeros_like(along)
+    )
+    return unit * length.norm(dim=1, keepdim=True)
 
 
 def project_on_history(
