@@ -347,3 +347,24 @@ def test_custom_strategy_object_is_accepted():
     assert cb.strategy.name == "custom"
     with pytest.raises(SleepbotError, match="pass them to its constructor"):
         Sleep(Halve(), alpha=1.0)
+
+
+def test_learned_along_the_trend_keeps_the_forecast_s_length():
+    """`along="trend"`: each neuron moves along its history's least-squares line, as far as the forecast moves it."""
+    from sleepbot.sleep.strategies import Learned, LinearExtrapolation
+
+    torch.manual_seed(0)
+    steps = torch.arange(0, 50, 10)
+    drift = torch.randn(1, 6, 9)
+    hist = torch.randn(6, 9) + drift * steps[:, None, None] / 10 + 0.3 * torch.randn(5, 6, 9)  # [5, N, F]
+    ctx = LayerContext(layer="l", kind="linear", step=40, steps=steps, snapshot_every=10)
+    cur = hist[-1]
+    forecast = Learned().propose(hist, 2, ctx) - cur
+    trend = LinearExtrapolation().propose(hist, 2, ctx) - cur
+    jump = Learned(along="trend").propose(hist, 2, ctx) - cur
+    torch.testing.assert_close(jump.norm(dim=1), forecast.norm(dim=1))
+    cos = torch.nn.functional.cosine_similarity(jump, trend, dim=1)
+    assert bool((cos > 1 - 1e-5).all()) and not torch.allclose(jump, forecast)
+    assert "along" not in Learned().describe() and "along='trend'" in Learned(along="trend").describe()
+    with pytest.raises(SleepbotError, match="valid: forecast, trend"):
+        Learned(along="gradient")
