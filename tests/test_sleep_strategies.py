@@ -366,5 +366,15 @@ def test_learned_along_the_trend_keeps_the_forecast_s_length():
     cos = torch.nn.functional.cosine_similarity(jump, trend, dim=1)
     assert bool((cos > 1 - 1e-5).all()) and not torch.allclose(jump, forecast)
     assert "along" not in Learned().describe() and "along='trend'" in Learned(along="trend").describe()
-    with pytest.raises(SleepbotError, match="valid: forecast, trend"):
+    # along the optimizer's update (which the callback hands only to a strategy that reads it)
+    update = torch.randn(6, 9)
+    ctx.update = update
+    jump = Learned(along="update").propose(hist, 2, ctx) - cur
+    torch.testing.assert_close(jump.norm(dim=1), forecast.norm(dim=1))
+    assert bool((torch.nn.functional.cosine_similarity(jump, update, dim=1) > 1 - 1e-5).all())
+    assert Learned(along="update").reads_optimizer and not Learned(along="trend").reads_optimizer
+    ctx.update = None
+    with pytest.raises(SleepbotError, match="known for Adam, AdamW and SGD with momentum only"):
+        Learned(along="update").propose(hist, 2, ctx)
+    with pytest.raises(SleepbotError, match="valid: forecast, trend, update"):
         Learned(along="gradient")

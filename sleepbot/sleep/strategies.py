@@ -187,12 +187,13 @@ class Learned(SleepStrategy):
             backtest reads is the training path, translated by earlier jumps: it scores the forecaster on the
             motion training made, not on the jumps.
         along: `forecast` (the default) jumps along the forecast; `trend` jumps each neuron along the
-            least-squares line through its history (as `linear` extrapolates) with the forecast's length: an
-            ablation of the forecast's direction (`Oracle(combine=...)` showed that 200 steps ahead the forecasts
-            fail in their direction, not their size).
+            least-squares line through its history (as `linear` extrapolates), and `update` along the update the
+            optimizer's state points to (`LayerContext.update`; Adam, AdamW, SGD with momentum), each with the
+            forecast's length: ablations of the forecast's direction (`Oracle(combine=...)` showed that 200 steps
+            ahead the forecasts fail in their direction, not their size).
     """
 
-    ALONG = ("forecast", "trend")
+    ALONG = ("forecast", "trend", "update")
 
     def __init__(
         self,
@@ -211,6 +212,7 @@ class Learned(SleepStrategy):
         self.gain = float(gain)
         self.calibrate = bool(calibrate)
         self.along = along
+        self.reads_optimizer = along == "update"
         self.model = load_forecaster(forecaster)
 
     def options(self) -> dict[str, Any]:
@@ -321,10 +323,18 @@ class Learned(SleepStrategy):
             self.model.predict(history.cpu(), int(horizon), kind=ctx.kind, progress=ctx.progress)
         )
         out = out.to(dtype=history.dtype, device=history.device)
-        if self.along == "trend" and history.shape[0] >= 2:
+        if self.along != "forecast":
             cur = history[-1]
-            trend = LinearExtrapolation().propose(history, int(horizon), ctx) - cur
-            out = cur + combine_jumps(out - cur, trend, "direction")
+            if self.along == "trend":
+                direction = LinearExtrapolation().propose(history, int(horizon), ctx) - cur
+            elif ctx.update is not None:
+                direction = ctx.update
+            else:
+                raise SleepbotError(
+                    "learned along='update' reads the optimizer's update, which is known for Adam, AdamW and SGD "
+                    "with momentum only"
+                )
+            out = cur + combine_jumps(out - cur, direction, "direction")
         scale = self.gain
         if self.calibrate:
             scale *= self.backtest(history, int(horizon), ctx)
