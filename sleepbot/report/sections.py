@@ -25,8 +25,9 @@ def _summary(sec: Section, results: dict[str, Any]) -> None:
         sec.text(notes[0])
         header, rows = headline_table(w)
         add_table(sec, header, rows)
-        if pair_rows(w):
-            add_table(sec, list(PAIR_HEADER), pair_rows(w))
+        pairs = pair_rows(w)
+        if pairs:
+            add_table(sec, list(PAIR_HEADER), pairs)
         for n in notes[1:]:
             sec.text(n)
         base = w["arms"].get(w["baseline"], {})

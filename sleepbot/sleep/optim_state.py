@@ -149,7 +149,7 @@ def optimizer_update(optimizers: Iterable[torch.optim.Optimizer], module: nn.Mod
     -lr m_hat / (sqrt(v_hat) + eps) for Adam, plus AdamW's decay, and -lr * momentum_buffer for SGD with
     momentum). None when the layer's optimizer is another one (Schedule-Free, plain SGD, ...), uses amsgrad or
     nesterov, or has not stepped yet: a strategy that reads it must do without."""
-    from sleepbot.forecast.state import optimizer_step
+    from sleepbot.forecast.state import STATE_KEYS, optimizer_step
 
     for opt in optimizers:
         group = next((g for g in opt.param_groups if any(p is module.weight for p in g["params"])), None)
@@ -162,7 +162,7 @@ def optimizer_update(optimizers: Iterable[torch.optim.Optimizer], module: nn.Mod
             return None
         params = [module.weight] + ([module.bias] if has_bias(module) else [])
         states = [opt.state.get(p) or {} for p in params]
-        keys = ("momentum_buffer",) if rule == "momentum" else ("exp_avg", "exp_avg_sq")
+        keys = STATE_KEYS[rule]
         if any(not torch.is_tensor(s.get(k)) for s in states for k in keys):
             return None
         n = module.weight.shape[0]

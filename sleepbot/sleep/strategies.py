@@ -327,14 +327,9 @@ class Learned(SleepStrategy):
             cur = history[-1]
             if self.along == "trend":
                 direction = LinearExtrapolation().propose(history, int(horizon), ctx) - cur
-            elif ctx.update is not None:
-                direction = ctx.update
             else:
-                raise SleepbotError(
-                    "learned along='update' reads the optimizer's update, which is known for Adam, AdamW and SGD "
-                    "with momentum only"
-                )
-            out = cur + combine_jumps(out - cur, direction, "direction")
+                direction = _optimizer_update(ctx, "learned along='update'")
+            out = cur + along_with_length(direction, out - cur)
         scale = self.gain
         if self.calibrate:
             scale *= self.backtest(history, int(horizon), ctx)
@@ -525,12 +520,7 @@ class Oracle(SleepStrategy):
         if self.project:
             columns = []
             if self.extra == "state":
-                if ctx.update is None:
-                    raise SleepbotError(
-                        "oracle extra 'state' reads the optimizer's update, which is known for Adam, AdamW and SGD "
-                        "with momentum only"
-                    )
-                columns.append(ctx.update)
+                columns.append(_optimizer_update(ctx, "oracle extra 'state'"))
             elif self.extra == "random":
                 from sleepbot.forecast.base import neuron_scale
 
@@ -538,16 +528,27 @@ class Oracle(SleepStrategy):
                 columns.append(eps * neuron_scale(history.double())[:, None])
             out = cur + project_on_history(out - cur, history, per=self.project, extra=columns)
         if self._learned is not None:
-            out = cur + combine_jumps(
-                out - cur, self._learned.propose(history, horizon, ctx) - cur, self.combine
+            true, forecast = out - cur, self._learned.propose(history, horizon, ctx) - cur
+            out = cur + (
+                along_with_length(forecast, true)
+                if self.combine == "direction"
+                else along_with_length(true, forecast)
             )
         return out
 
 
-def combine_jumps(true: torch.Tensor, forecast: torch.Tensor, keep: str) -> torch.Tensor:
-    """Per neuron (rows of [N, F]), the `direction` of `forecast` with the length of `true`, or the direction of
-    `true` with the length of `forecast` (`size`); a neuron whose direction is undefined (zero) does not move."""
-    along, length = (forecast, true) if keep == "direction" else (true, forecast)
+def _optimizer_update(ctx: LayerContext, who: str) -> torch.Tensor:
+    """`ctx.update`, or a one-line error naming `who` needs it when the optimizer's update is not known."""
+    if ctx.update is None:
+        raise SleepbotError(
+            f"{who} reads the optimizer's update, which is known for Adam, AdamW and SGD with momentum only"
+        )
+    return ctx.update
+
+
+def along_with_length(along: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """Per neuron (rows of [N, F]), the direction of `along` with the length of `length`; a neuron whose direction
+    is undefined (zero) does not move."""
     norm = along.norm(dim=1, keepdim=True)  # [N, 1]
     unit = torch.where(
         norm > 0, along / norm.clamp_min(torch.finfo(along.dtype).tiny), torch.zeros_like(along)
