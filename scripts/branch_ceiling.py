@@ -1,0 +1,464 @@
+"""How predictable is a run's future at all? Branch one run into K copies that differ only in their data order.
+
+    python scripts/branch_ceiling.py --data digits --arch small_cnn --optimizer adam --lr 0.03 \
+        --seeds 800 801 802 --steps 50 100 200 --horizons 20 50 100 200 --branches 8 --json out.json
+
+A forecaster sees a run's weights (and, at most, its optimizer's state and its data) up to the jump; it cannot see
+which minibatches the next steps will draw. So the best any forecaster can do is the conditional mean of the
+future given the state now, and R2_disp against the one future that happened is capped by how much the future
+varies with the data order alone. This script measures that cap directly. It trains one run (a plain loop with
+the project's architectures, optimizers, data and batch size; minibatches drawn without replacement per epoch, as
+the Trainer's shuffled loader draws them) to each step t of --steps, copies the network and the optimizer's
+state, and continues K copies for up to max(--horizons) steps, each with its own data order. At every horizon h
+(in steps) it reports, pooled over all parameters and per parameter tensor:
+
+- `r2_ceiling`: R2_disp of the conditional mean against one branch's displacement, 1 - sigma^2 / E|d|^2, with
+  sigma^2 estimated without bias from the branches (the leave-one-out mean's error times (K - 1) / K);
+- `r2_other_branch`: R2_disp of another branch's displacement (foresight of a different data order);
+- `cos_mean`: the mean cosine between one branch's displacement and the mean of the others';
+
+and the training loss (whole training split) and validation accuracy at: the weights now, each branch's end (mean
+over branches), and the mean of the first k branches' ends for k = 2, 4, ..., K (a conditional-mean jump: does
+the average of possible futures land as well as a future itself?).
+
+It answers whether the goals R2_disp >= 0.5 and "75% of the oracle's saving" are within reach of any forecaster
+of these runs, and whether the conditional mean, what a forecaster trained on a squared error estimates, is a
+place worth jumping to. Every number comes from real training; about 1-3 minutes a seed on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator):
+    """Endless minibatch indices: a fresh permutation each epoch, the last incomplete batch dropped."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i : i + batch_size]
+
+
+def flat_params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in net.named_parameters()}
+
+
+def evaluate(net: torch.nn.Module, params: dict[str, torch.Tensor], data: dict) -> dict[str, float]:
+    """Training loss over the whole training split and validation accuracy at `params` (no_grad, eval mode)."""
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        for k, p in net.named_parameters():
+            p.copy_(params[k])
+        net.eval()
+        xt, yt = data["train"]
+        loss = sum(
+            float(F.cross_entropy(net(xt[i : i + 1024]), yt[i : i + 1024], reduction="sum"))
+            for i in range(0, len(xt), 1024)
+        ) / len(xt)
+        xv, yv = data["val"]
+        acc = float((net(xv).argmax(1) == yv).float().mean())
+    return {"train_loss": loss, "val_acc": acc}
+
+
+def train_steps(net, opt, sched, data, it, n: int, record: set[int] | None = None) -> dict[int, dict]:
+    """`n` optimizer steps on minibatches from the index iterator `it`; the parameters after each step in
+    `record` (counted from 1)."""
+    x, y = data["train"]
+    out = {}
+    net.train()
+    for s in range(1, n + 1):
+        idx = next(it)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if record and s in record:
+            out[s] = flat_params(net)
+    return out
+
+
+def branch_stats(now: dict, ends: list[dict], names: list[str]) -> dict[str, float]:
+    """R2 ceiling, another branch's R2 and the cosine to the others' mean, pooled over `names`."""
+    k = len(ends)
+    d = [torch.cat([(e[n] - now[n]).reshape(-1).double() for n in names]) for e in ends]
+    total = torch.stack(d).sum(0)
+    sst = sum(float(x.pow(2).sum()) for x in d) / k
+    loo = [(total - x) / (k - 1) for x in d]
+    loo_sse = sum(float((x - m).pow(2).sum()) for x, m in zip(d, loo)) / k
+    pair_sse = sum(float((d[i] - d[j]).pow(2).sum()) for i in range(k) for j in range(k) if i != j) / (
+        k * (k - 1)
+    )
+    cos = sum(float((x * m).sum() / (x.norm() * m.norm()).clamp_min(1e-300)) for x, m in zip(d, loo)) / k
+    if sst == 0:  # nothing moved (lr 0): no R2 to speak of
+        return {
+            "r2_ceiling": float("nan"),
+            "r2_other_branch": float("nan"),
+            "cos_mean": float("nan"),
+            "disp_norm": 0.0,
+        }
+    return {
+        "r2_ceiling": 1 - (k - 1) / k * loo_sse / sst,
+        "r2_other_branch": 1 - pair_sse / sst,
+        "cos_mean": cos,
+        "disp_norm": math.sqrt(sst),
+    }
+
+
+def steps_to_target(
+    seed: int, args, data, dm, jump: int, sleep_every: int, sleep_horizon: int
+) -> tuple[int | None, int]:
+    """Steps until the validation accuracy (checked every 10 steps) reaches args.target, in a run that every
+    `sleep_every` steps jumps to the mean of `jump` branches' weights `sleep_horizon` steps ahead (jump 0: never
+    sleeps). The branches start from the run's weights and optimizer state with data orders of their own; after
+    the jump the run keeps its own optimizer state (Sleep's `keep`). Returns (steps or None on a miss, jumps)."""
+    from sleepbot.models import build_arch, build_optimizer
+
+    torch.manual_seed(seed)
+    net = build_arch(args.arch, dm.input_shape, dm.num_classes)
+    opt = build_optimizer(args.optimizer, net.parameters(), args.lr, momentum=args.momentum)
+    n_train = len(data["train"][0])
+    trunk = batches(n_train, args.batch_size, torch.Generator().manual_seed(seed))
+    jumps = 0
+    for step in range(10, args.max_steps + 1, 10):
+        train_steps(net, opt, None, data, trunk, 10)
+        if evaluate(net, flat_params(net), data)["val_acc"] >= args.target:
+            return step, jumps
+        if jump and step % sleep_every == 0 and step < args.max_steps:
+            ends = []
+            for b in range(jump):
+                bnet = copy.deepcopy(net)
+                bopt = build_optimizer(args.optimizer, bnet.parameters(), args.lr, momentum=args.momentum)
+                bopt.load_state_dict(copy.deepcopy(opt.state_dict()))
+                gen = torch.Generator().manual_seed(10_000 * seed + step + 1_000_000 * (b + 1))
+                ends.append(
+                    train_steps(
+                        bnet,
+                        bopt,
+                        None,
+                        data,
+                        batches(n_train, args.batch_size, gen),
+                        sleep_horizon,
+                        {sleep_horizon},
+                    )[sleep_horizon]
+                )
+            with torch.no_grad():
+                for k, p in net.named_parameters():
+                    p.copy_(torch.stack([e[k] for e in ends]).mean(0))
+            jumps += 1
+    return None, jumps
+
+
+def simulate(args, data, dm) -> dict:
+    """Steps to the target for: no sleep; the oracle (one branch's future: foresight of a data order); the
+    conditional-mean oracle (the mean of --branches branches' futures), each seed paired over the arms."""
+    arms = {"none": 0, "oracle (one branch)": 1, f"mean of {args.branches} branches": args.branches}
+    out: dict = {
+        "target": args.target,
+        "sleep_every": args.sleep_every,
+        "sleep_horizon": args.sleep_horizon,
+        "max_steps": args.max_steps,
+        "seeds": {},
+    }
+    for seed in args.seeds:
+        got = {}
+        for arm, k in arms.items():
+            steps, jumps = steps_to_target(seed, args, data, dm, k, args.sleep_every, args.sleep_horizon)
+            got[arm] = {"steps": steps, "jumps": jumps}
+        out["seeds"][seed] = got
+        print(f"seed {seed}: " + ", ".join(f"{a} {v['steps']}" for a, v in got.items()), flush=True)
+    summarize_simulation(out)
+    return out
+
+
+def summarize_simulation(sim: dict) -> None:
+    """Add each arm's median steps, misses and speedup over none (the compare harness's paired BCa interval of
+    the ratio of medians, and the Wilcoxon p) to a simulation's result, and the branches' mean against the
+    one-branch oracle under "pair"; computed from the per-seed steps."""
+    from sleepbot.analysis import paired_speedup
+
+    cap = 2 * sim["max_steps"]  # a miss counts as twice the budget (AlgoPerf's and NiNo's rule)
+    seeds = list(sim["seeds"].values())
+    arms = list(seeds[0])
+
+    def of(arm: str) -> list[float]:
+        return [cap if v[arm]["steps"] is None else v[arm]["steps"] for v in seeds]
+
+    for arm in arms:
+        sp = paired_speedup(of("none"), of(arm))
+        misses = sum(v[arm]["steps"] is None for v in seeds)
+        sim[arm] = {
+            "median_steps": _median(sorted(of(arm))),
+            "misses": misses,
+            "speedup": sp.ratio,
+            "lo": sp.lo,
+            "hi": sp.hi,
+            "p_value": sp.p_value,
+        }
+        print(
+            f"{arm}: median {sim[arm]['median_steps']:g} steps, {misses} misses, speedup over none "
+            f"{sp.ratio:.2f}x [{sp.lo:.2f}, {sp.hi:.2f}] (paired BCa 95%), Wilcoxon p {sp.p_value:.3f}",
+            flush=True,
+        )
+    sp = paired_speedup(of(arms[1]), of(arms[2]))
+    sim["pair"] = {
+        "arm": arms[2],
+        "vs": arms[1],
+        "speedup": sp.ratio,
+        "lo": sp.lo,
+        "hi": sp.hi,
+        "p_value": sp.p_value,
+    }
+
+
+def _median(xs: list[float]) -> float:
+    n = len(xs)
+    return float(xs[n // 2]) if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def trend_stats(
+    snaps: dict[int, dict], t: int, h: int, ends: list[dict], names: list[str]
+) -> dict[str, float]:
+    """R2_disp against the branches of the history's least-squares trend (the last up to 20 snapshots 10 steps
+    apart, extrapolated h steps), as it is and at its best scalar length (an oracle's choice), and its cosine with
+    the branches' mean: what a forecaster that reads only the path gets here."""
+    steps = [s for s in sorted(snaps) if s <= t][-20:]
+    flat = lambda m: torch.cat([m[n].reshape(-1).double() for n in names])  # noqa: E731
+    hist = torch.stack([flat(snaps[s]) for s in steps])  # [T, P]
+    x = torch.tensor(steps, dtype=torch.float64)
+    x = x - x.mean()
+    slope = (x[:, None] * (hist - hist.mean(0))).sum(0) / x.pow(2).sum()
+    pred = slope * h
+    now = hist[-1]
+    d = [flat(e) - now for e in ends]
+    mean = torch.stack(d).mean(0)
+    sst = sum(float(v.pow(2).sum()) for v in d)
+    if sst == 0:
+        return {"r2_trend": float("nan"), "r2_trend_best_length": float("nan"), "cos_trend": float("nan")}
+    best = float((pred * mean).sum() / pred.pow(2).sum().clamp_min(1e-300))
+    return {
+        "r2_trend": 1 - sum(float((v - pred).pow(2).sum()) for v in d) / sst,
+        "r2_trend_best_length": 1 - sum(float((v - best * pred).pow(2).sum()) for v in d) / sst,
+        "cos_trend": float((pred * mean).sum() / (pred.norm() * mean.norm()).clamp_min(1e-300)),
+    }
+
+
+def markdown(result: dict) -> str:
+    """The medians of a result (this script's JSON) as Markdown tables."""
+    a, rows, out = result["args"], result["rows"], []
+    head = (
+        f"{a['data']} / {a['arch']} / {a['optimizer']} lr {a['lr']}, batch {a['batch_size']}, seeds "
+        f"{', '.join(map(str, a['seeds']))}, {a['branches']} branches"
+    )
+    if rows:
+        out += [
+            f"**{head}**: branched at steps {', '.join(map(str, a['steps']))}; medians over (seed, step)",
+            "",
+            "| horizon (steps) | R2 ceiling | another branch | the trend | the trend, best length | cosine "
+            "of the trend | train loss now / one branch / mean of branches |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for h in sorted({r["horizon"] for r in rows}):
+            sel = [r for r in rows if r["horizon"] == h]
+            med = lambda f, sel=sel: _median(sorted(f(r) for r in sel))  # noqa: E731
+            k = max(int(n.split()[2]) for n in sel[0]["points"] if n.startswith("mean of "))
+            loss = " / ".join(
+                f"{med(lambda r, n=n: r['points'][n]['train_loss']):.3f}"
+                for n in ("now", "one branch (mean over branches)", f"mean of {k} branches")
+            )
+            out.append(
+                f"| {h} | "
+                + " | ".join(
+                    f"{med(lambda r, q=q: r['pooled'][q]):.3f}"
+                    for q in (
+                        "r2_ceiling",
+                        "r2_other_branch",
+                        "r2_trend",
+                        "r2_trend_best_length",
+                        "cos_trend",
+                    )
+                )
+                + f" | {loss} |"
+            )
+        out.append("")
+    sim = result.get("simulation")
+    if sim:
+        out += [
+            f"**{head}**: simulated sleep every {sim['sleep_every']} steps, {sim['sleep_horizon']} steps ahead, "
+            f"to val acc {sim['target']} within {sim['max_steps']} steps (a miss counts 2x)",
+            "",
+            "| arm | median steps | misses | speedup over none [95% CI] | Wilcoxon p |",
+            "|---|---|---|---|---|",
+        ]
+        summarize_simulation(sim)
+        for arm in (k for k in sim if isinstance(sim[k], dict) and "median_steps" in sim[k]):
+            v = sim[arm]
+            out.append(
+                f"| {arm} | {v['median_steps']:g} | {v['misses']} | {v['speedup']:.2f}x [{v['lo']:.2f}, "
+                f"{v['hi']:.2f}] | {v['p_value']:.3f} |"
+            )
+        q = sim["pair"]
+        out += [
+            "",
+            f"{q['arm']} against {q['vs']}, paired: {q['speedup']:.2f}x [{q['lo']:.2f}, {q['hi']:.2f}], "
+            f"Wilcoxon p {q['p_value']:.3f}.",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--arch", default="small_cnn")
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seeds", type=int, nargs="+", default=[800, 801, 802])
+    p.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200], help="where to branch")
+    p.add_argument("--horizons", type=int, nargs="+", default=[20, 50, 100, 200], help="in steps")
+    p.add_argument("--branches", type=int, default=8)
+    p.add_argument("--train-subset", type=int, default=None, help="keep this many training examples")
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="also simulate sleep: steps to this validation accuracy for none, the oracle and the branches' mean",
+    )
+    p.add_argument("--sleep-every", type=int, default=50)
+    p.add_argument("--sleep-horizon", type=int, default=200, help="steps ahead of each simulated jump")
+    p.add_argument("--max-steps", type=int, default=1000, help="budget of each simulated run")
+    p.add_argument("--no-branch-stats", action="store_true", help="only the simulation")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None, help="also write the medians as Markdown tables here")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="F",
+        help="only print (and with --markdown write) the tables of results this script wrote",
+    )
+    args = p.parse_args(argv)
+    if args.from_json:
+        text = "\n".join(markdown(json.loads(Path(f).read_text())) for f in args.from_json)
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        return 0
+    if args.branches < 2:
+        p.error("--branches must be >= 2 (the ceiling is estimated from their spread)")
+
+    from sleepbot.config import DataConfig
+    from sleepbot.data import make_datamodule
+    from sleepbot.errors import SleepbotError, unknown_name
+    from sleepbot.models import OPTIMIZERS, SCHEDULE_FREE_OPTIMIZERS, build_arch, build_optimizer
+
+    if args.optimizer in SCHEDULE_FREE_OPTIMIZERS:
+        p.error(
+            "Schedule-Free optimizers are not supported here (their evaluated point is not the parameters)"
+        )
+    try:
+        dm = make_datamodule(
+            DataConfig(name=args.data, batch_size=args.batch_size, train_subset=args.train_subset), seed=0
+        )
+        build_arch(args.arch, dm.input_shape, dm.num_classes)
+        if args.optimizer not in OPTIMIZERS:
+            raise unknown_name("optimizer", args.optimizer, OPTIMIZERS)
+    except SleepbotError as e:
+        p.error(str(e))
+    data = {k: dm.tensors[k] for k in ("train", "val")}
+    n_train = len(data["train"][0])
+    horizons = sorted(set(args.horizons))
+    rows = []
+    for seed in [] if args.no_branch_stats else args.seeds:
+        t0 = time.time()
+        torch.manual_seed(seed)
+        net = build_arch(args.arch, dm.input_shape, dm.num_classes)
+        opt = build_optimizer(args.optimizer, net.parameters(), args.lr, momentum=args.momentum)
+        trunk = batches(n_train, args.batch_size, torch.Generator().manual_seed(seed))
+        names = [k for k, _ in net.named_parameters()]
+        done = 0
+        snaps = {0: flat_params(net)}  # the trunk's weights every 10 steps, for the trend's history
+        for t in sorted(args.steps):
+            got = train_steps(
+                net, opt, None, data, trunk, t - done, set(range(10 - done % 10, t - done + 1, 10))
+            )
+            snaps.update({done + s: v for s, v in got.items()})
+            done = t
+            now = flat_params(net)
+            ends: dict[int, list[dict]] = {h: [] for h in horizons}
+            for b in range(args.branches):
+                bnet = copy.deepcopy(net)
+                bopt = build_optimizer(args.optimizer, bnet.parameters(), args.lr, momentum=args.momentum)
+                bopt.load_state_dict(copy.deepcopy(opt.state_dict()))
+                gen = torch.Generator().manual_seed(10_000 * seed + 100 * t + b + 1)
+                got = train_steps(
+                    bnet,
+                    bopt,
+                    None,
+                    data,
+                    batches(n_train, args.batch_size, gen),
+                    horizons[-1],
+                    set(horizons),
+                )
+                for h in horizons:
+                    ends[h].append(got[h])
+            for h in horizons:
+                e = ends[h]
+                row = {"seed": seed, "step": t, "horizon": h, "branches": len(e)}
+                row["pooled"] = branch_stats(now, e, names)
+                row["pooled"].update(trend_stats(snaps, t, h, e, names))
+                row["per_tensor"] = {n: branch_stats(now, e, [n]) for n in names}
+                pts = {"now": evaluate(net, now, data)}
+                each = [evaluate(net, x, data) for x in e]
+                pts["one branch (mean over branches)"] = {
+                    k: sum(s[k] for s in each) / len(each) for k in each[0]
+                }
+                k = 2
+                while k <= len(e):
+                    mean = {n: torch.stack([x[n] for x in e[:k]]).mean(0) for n in names}
+                    pts[f"mean of {k} branches"] = evaluate(net, mean, data)
+                    k *= 2
+                row["points"] = pts
+                rows.append(row)
+                s = row["pooled"]
+                print(
+                    f"seed {seed} step {t} h {h}: R2 ceiling {s['r2_ceiling']:.3f}, other branch "
+                    f"{s['r2_other_branch']:.3f}, cos to the others' mean {s['cos_mean']:.3f}; "
+                    + "; ".join(f"{n} {v['train_loss']:.4f}/{v['val_acc']:.3f}" for n, v in pts.items()),
+                    flush=True,
+                )
+        print(f"seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    summary = {}
+    for h in horizons if rows else []:
+        sel = [r for r in rows if r["horizon"] == h]
+        summary[h] = {
+            key: _median(sorted(r["pooled"][key] for r in sel))
+            for key in ("r2_ceiling", "r2_other_branch", "r2_trend", "r2_trend_best_length", "cos_trend")
+        }
+        print(
+            f"horizon {h} steps, median over {len(sel)} (seed, step): R2 ceiling {summary[h]['r2_ceiling']:.3f}, "
+            f"another branch {summary[h]['r2_other_branch']:.3f}, the trend {summary[h]['r2_trend']:.3f} (at its "
+            f"best length {summary[h]['r2_trend_best_length']:.3f}, cosine {summary[h]['cos_trend']:.3f})"
+        )
+    sim = simulate(args, data, dm) if args.target is not None else None
+    result = {"args": vars(args), "rows": rows, "summary": summary, "simulation": sim}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # the figures do not depend on it; two runs side by side on 2 cores
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""scripts/branch_ceiling.py: how much of a run's future the data order leaves open, on real digits training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("branch_ceiling", ROOT / "scripts" / "branch_ceiling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_branch_stats_follow_their_definitions():
+    mod = _script()
+    g = torch.Generator().manual_seed(0)
+    now = {"w": torch.zeros(50)}
+    mean = torch.randn(50, generator=g)
+    ends = [{"w": mean + 0.5 * torch.randn(50, generator=g)} for _ in range(2)]
+    s = mod.branch_stats(now, ends, ["w"])
+    # With two branches the leave-one-out mean is the other branch: the ceiling is (1 + R2 of the other) / 2.
+    assert s["r2_ceiling"] == pytest.approx((1 + s["r2_other_branch"]) / 2)
+    same = mod.branch_stats(now, [{"w": mean}, {"w": mean.clone()}, {"w": mean.clone()}], ["w"])
+    assert same["r2_ceiling"] == pytest.approx(1.0) and same["cos_mean"] == pytest.approx(1.0)
+    still = mod.branch_stats(now, [{"w": torch.zeros(50)}, {"w": torch.zeros(50)}], ["w"])
+    assert math.isnan(still["r2_ceiling"])  # nothing moved: no R2, not a division by zero
+    # Many branches around one mean: the ceiling estimates 1 - noise / total without the leave-one-out's bias.
+    many = [{"w": mean + 0.5 * torch.randn(50, generator=g)} for _ in range(400)]
+    expect = 1 - 0.25 * 50 / (mean.pow(2).sum() + 0.25 * 50)
+    assert mod.branch_stats(now, many, ["w"])["r2_ceiling"] == pytest.approx(float(expect), abs=0.03)
+
+
+def test_the_trend_of_a_straight_path_is_exact():
+    mod = _script()
+    direction = torch.randn(30, generator=torch.Generator().manual_seed(1))
+    snaps = {s: {"w": s * direction} for s in range(0, 110, 10)}
+    end = {"w": 150 * direction}  # 50 steps on along the same line
+    s = mod.trend_stats(snaps, 100, 50, [end, end], ["w"])
+    assert s["r2_trend"] == pytest.approx(1.0) and s["cos_trend"] == pytest.approx(1.0)
+
+
+def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsys):
+    """With one batch of the whole (subset of the) training split, every data order gives the same gradients:
+    the branches coincide and the ceiling is 1. With batches of 8 they differ, and the ceiling is below 1."""
+    mod = _script()
+    common = [
+        "--train-subset",
+        "64",
+        "--seeds",
+        "3",
+        "--steps",
+        "10",
+        "--horizons",
+        "5",
+        "10",
+        "--branches",
+        "3",
+    ]
+    full, small = tmp_path / "full.json", tmp_path / "small.json"
+    assert mod.main([*common, "--batch-size", "64", "--json", str(full)]) == 0
+    assert mod.main([*common, "--batch-size", "8", "--json", str(small)]) == 0
+    rows = json.loads(full.read_text())["rows"]
+    assert [(r["step"], r["horizon"]) for r in rows] == [(10, 5), (10, 10)]
+    for r in rows:
+        assert r["pooled"]["r2_ceiling"] > 0.999 and r["pooled"]["r2_other_branch"] > 0.999
+        assert set(r["per_tensor"]) == {n for n, _ in _net_params()}
+        assert {"now", "one branch (mean over branches)", "mean of 2 branches"} <= set(r["points"])
+    for r in json.loads(small.read_text())["rows"]:
+        assert r["pooled"]["r2_ceiling"] < 0.99
+        assert r["pooled"]["r2_other_branch"] < r["pooled"]["r2_ceiling"]
+    assert "R2 ceiling" in capsys.readouterr().out
+    md = tmp_path / "full.md"
+    assert mod.main(["--from-json", str(full), str(small), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert text.count("| horizon (steps) | R2 ceiling |") == 2 and "\n| 10 | 1.000 | 1.000 |" in text
+
+
+def _net_params():
+    from sleepbot.models import build_arch
+
+    return build_arch("small_cnn", (1, 8, 8), 10).named_parameters()
+
+
+def test_the_simulation_is_paired_and_counts_misses(tmp_path):
+    """A target no run reaches is a miss in every arm; a target reached at the first check is reached alike by
+    every arm (the jumps come after the first check)."""
+    mod = _script()
+    common = [
+        "--no-branch-stats",
+        "--train-subset",
+        "64",
+        "--batch-size",
+        "16",
+        "--seeds",
+        "5",
+        "--branches",
+        "2",
+        "--sleep-every",
+        "10",
+        "--sleep-horizon",
+        "10",
+        "--max-steps",
+        "30",
+    ]
+    out = tmp_path / "sim.json"
+    assert mod.main([*common, "--target", "1.01", "--json", str(out)]) == 0
+    sim = json.loads(out.read_text())["simulation"]
+    arms = sim["seeds"]["5"]
+    assert all(a["steps"] is None for a in arms.values())
+    assert arms["none"]["jumps"] == 0 and arms["oracle (one branch)"]["jumps"] == 2
+    assert sim["none"]["misses"] == 1 and sim["none"]["median_steps"] == 60  # a miss counts 2x the budget
+    assert sim["pair"]["speedup"] == 1.0
+    again = tmp_path / "again.json"
+    assert mod.main([*common, "--target", "0.0", "--json", str(again)]) == 0
+    arms = json.loads(again.read_text())["simulation"]["seeds"]["5"]
+    assert {a["steps"] for a in arms.values()} == {10}
+    md = tmp_path / "sim.md"
+    assert mod.main(["--from-json", str(out), "--markdown", str(md)]) == 0
+    assert "| none | 60 | 1 | 1.00x [nan, nan] |" in md.read_text()  # one seed: no interval
+
+
+def test_bad_options_are_refused(capsys):
+    mod = _script()
+    with pytest.raises(SystemExit):
+        mod.main(["--branches", "1"])
+    assert "--branches must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--optimizer", "schedulefree_adamw"])
+    assert "Schedule-Free" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--data", "nosuch"])
+    assert "unknown dataset 'nosuch'" in capsys.readouterr().err
