@@ -89,6 +89,7 @@ SETUPS = {
     "noise": lambda tmp, m: ({"every_n_steps": 6, "alpha": 0.05}, 13),
     "square_normalize": lambda tmp, m: ({"every_n_steps": 6, "mix": 0.5}, 13),
     "lookahead": lambda tmp, m: ({"k": 3}, 13),
+    "average": lambda tmp, m: ({"every_n_steps": 6, "snapshot_every": 2, "k": 3}, 13),
     "learned": lambda tmp, m: ({"every_n_steps": 40}, 41),  # the shipped forecaster: 5 snapshots 10 apart
     "oracle": lambda tmp, m: (
         {"run": _recorded_run(tmp, m), "every_n_steps": 6, "horizon": 2, "snapshot_every": 2},

@@ -124,6 +124,17 @@ def case_lookahead(hist, kind, name, tmp_path):
     _check_close(s.propose(hist[-2:], 1, _ctx(name, kind, [12, 15])), want)
 
 
+def case_average(hist, kind, name, tmp_path):
+    s = make_strategy("average", k=3)
+    h = hist[-3:].double().numpy()
+    want = np.array(
+        [[sum(h[c][n][f] for c in range(3)) / 3 for f in range(h.shape[2])] for n in range(h.shape[1])]
+    )
+    _check_close(s.propose(hist[-3:], 7, _ctx(name, kind, [9, 12, 15])), want)
+    with pytest.raises(SleepbotError, match="average needs k >= 2"):
+        make_strategy("average", k=1)
+
+
 def case_random(hist, kind, name, tmp_path):
     s = make_strategy("random", base="linear")
     steps = [0, 3, 6, 9, 12, 15]
@@ -220,6 +231,7 @@ REFERENCES = {
     "noise": case_noise,
     "square_normalize": case_square_normalize,
     "lookahead": case_lookahead,
+    "average": case_average,
     "random": case_random,
     "learned": case_learned,
     "oracle": case_oracle,

@@ -10,6 +10,7 @@ Every strategy works on one layer: `history` [C, N, F] (oldest first, `history[-
 | `noise`            | w + alpha * abs(w) * eps, eps ~ N(0, 1) per weight                                         |
 | `square_normalize` | per neuron: sign(w) * w^2, rescaled to the neuron's own L2 norm (bias included)           |
 | `lookahead`        | Lookahead (Zhang et al. 2019): slow + alpha * (fast - slow), every k steps                |
+| `average`          | the mean of each weight's C snapshots (tail averaging, as SWA / Polyak averaging do)      |
 | `oracle`           | the weights a recorded run (same seed, no sleep) had `horizon` snapshots further on       |
 | `random`           | a jump of the same per-layer size as another strategy's (default linear), random direction |
 """
@@ -154,6 +155,35 @@ class Lookahead(SleepStrategy):
                 f"snapshot_every {settings.snapshot_every}, every_n_steps {settings.every_n_steps} "
                 f"(leave them unset to use k={self.k})"
             )
+
+
+@register_strategy("average")
+class Average(SleepStrategy):
+    """Tail averaging as a sleep: each weight moves to the mean of its last `k` snapshots (Polyak averaging, and
+    SWA's running mean, restarted at every sleep), and training goes on from there. It looks back, not ahead: it
+    keeps the run's progress along the valley (the mean lags the path by half its span) and drops the iterates'
+    bounce across it, which is why the mean of several equally likely futures lands lower than any one of them
+    (`scripts/branch_ceiling.py`). `horizon` is not read. The optimizer state is left to the callback.
+
+    Args:
+        k: snapshots averaged (the callback's context); with the default snapshot_every of 10, k = 5 averages the
+            last 40 steps.
+    """
+
+    def __init__(self, k: int = 5) -> None:
+        if k < 2:
+            raise SleepbotError(f"average needs k >= 2 snapshots to average, got {k}")
+        self.k = int(k)
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        return history.mean(0)
+
+    def defaults(self) -> dict[str, Any]:
+        return {"context": self.k, "carry_history": False}
+
+    def validate(self, settings: SleepSettings) -> None:
+        if settings.context < 2:
+            raise SleepbotError(f"average needs context >= 2 snapshots, got {settings.context}")
 
 
 # How far `Sleep("learned")` jumps with the shipped forecaster, in snapshots (see Learned.defaults).
