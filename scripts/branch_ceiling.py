@@ -259,36 +259,57 @@ def markdown(result: dict) -> str:
         f"{', '.join(map(str, a['seeds']))}, {a['branches']} branches"
     )
     if rows:
+        labels = ["trend"] + list(result["args"].get("forecaster_labels", []))
         out += [
-            f"**{head}**: branched at steps {', '.join(map(str, a['steps']))}; medians over (seed, step)",
+            f"**{head}**: branched at steps {', '.join(map(str, a['steps']))}; medians over (seed, step); each "
+            f"predictor as R2_disp as it is / at its best length (its cosine with the branches' mean)",
             "",
-            "| horizon (steps) | R2 ceiling | another branch | the trend | the trend, best length | cosine "
-            "of the trend | train loss now / one branch / mean of branches |",
-            "|---|---|---|---|---|---|---|",
+            "| horizon (steps) | R2 ceiling | another branch | "
+            + " | ".join(f"the {x}" if x == "trend" else x for x in labels)
+            + " | train loss now / one branch / mean of branches |",
+            "|---|---|---|" + "---|" * len(labels) + "---|",
         ]
         for h in sorted({r["horizon"] for r in rows}):
             sel = [r for r in rows if r["horizon"] == h]
-            med = lambda f, sel=sel: _median(sorted(f(r) for r in sel))  # noqa: E731
+
+            def med(f, sel=sel) -> float:
+                xs = sorted(x for x in (f(r) for r in sel) if not math.isnan(x))
+                return _median(xs) if xs else float("nan")
+
             k = max(int(n.split()[2]) for n in sel[0]["points"] if n.startswith("mean of "))
             loss = " / ".join(
                 f"{med(lambda r, n=n: r['points'][n]['train_loss']):.3f}"
                 for n in ("now", "one branch (mean over branches)", f"mean of {k} branches")
             )
-            out.append(
-                f"| {h} | "
-                + " | ".join(
-                    f"{med(lambda r, q=q: r['pooled'][q]):.3f}"
-                    for q in (
-                        "r2_ceiling",
-                        "r2_other_branch",
-                        "r2_trend",
-                        "r2_trend_best_length",
-                        "cos_trend",
-                    )
-                )
-                + f" | {loss} |"
-            )
+
+            def q(key: str, med=med) -> float:
+                return med(lambda row: row["pooled"][key])
+
+            cells = [f"{q('r2_ceiling'):.3f}", f"{q('r2_other_branch'):.3f}"] + [
+                f"{q(f'r2_{x}'):.2f} / {q(f'r2_{x}_best_length'):.3f} ({q(f'cos_{x}'):.2f})" for x in labels
+            ]
+            out.append(f"| {h} | " + " | ".join(cells) + f" | {loss} |")
         out.append("")
+        h = max(r["horizon"] for r in rows)
+        sel = [r for r in rows if r["horizon"] == h and r.get("probes")]
+        if sel:
+            out += [
+                f"Taking some of the steps: the mean displacement of K branches after h' steps against the mean of "
+                f"the other branches after {h} (medians; training loss where it lands)",
+                "",
+                "| K | h' | cosine | loss stretched to the horizon | loss at its best length | loss at the mean |",
+                "|---|---|---|---|---|---|",
+            ]
+            for i, pr in enumerate(sel[0]["probes"]):
+
+                def pm(key: str, i: int = i) -> float:
+                    return _median(sorted(r["probes"][i][key] for r in sel))
+
+                out.append(
+                    f"| {pr['branches']} | {pr['probe_steps']} | {pm('cos'):.2f} | {pm('loss_stretched'):.3f} | "
+                    f"{pm('loss_best_length'):.3f} | {pm('loss_at_mean'):.3f} |"
+                )
+            out.append("")
     sim = result.get("simulation")
     if sim:
         out += [
@@ -315,6 +336,95 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def probe_stats(
+    net: torch.nn.Module, now: dict, ends: dict[int, list[dict]], h: int, names: list[str], data: dict
+) -> list[dict]:
+    """What taking some of the steps would tell: the mean displacement of the first K branches after h' < h steps
+    (K = 1: what h' more training steps show), against the mean of the other branches after h. Its cosine with
+    that mean, and the training loss where it lands stretched to h (now + h / h' x the probe) and at its best
+    scalar length for the mean (an oracle's choice), beside the loss at the mean itself."""
+    flat = lambda m: torch.cat([m[n].reshape(-1).double() for n in names])  # noqa: E731
+    f0 = flat(now)
+    like = {n: now[n] for n in names}
+
+    def unflat(x: torch.Tensor) -> dict:
+        out, o = {}, 0
+        for n, v in like.items():
+            out[n] = x[o : o + v.numel()].reshape(v.shape).to(v.dtype)
+            o += v.numel()
+        return out
+
+    rows = []
+    for k in (1, 4):
+        if k + 2 > len(ends[h]):
+            continue
+        target = torch.stack([flat(e) - f0 for e in ends[h][k:]]).mean(0)
+        at_target = evaluate(net, unflat(f0 + target), data)["train_loss"]
+        for hp in sorted(x for x in ends if x < h):
+            probe = torch.stack([flat(e) - f0 for e in ends[hp][:k]]).mean(0)
+            best = float((probe @ target) / (probe @ probe).clamp_min(1e-300))
+            rows.append(
+                {
+                    "branches": k,
+                    "probe_steps": hp,
+                    "cos": float((probe @ target) / (probe.norm() * target.norm()).clamp_min(1e-300)),
+                    "best_length": best,
+                    "loss_stretched": evaluate(net, unflat(f0 + h / hp * probe), data)["train_loss"],
+                    "loss_best_length": evaluate(net, unflat(f0 + best * probe), data)["train_loss"],
+                    "loss_at_mean": at_target,
+                }
+            )
+    return rows
+
+
+def forecaster_stats(
+    net: torch.nn.Module, snaps: dict[int, dict], t: int, h: int, ends: list[dict], forecasters: dict
+) -> dict[str, float]:
+    """R2_disp against the branches of each forecaster's jump h steps ahead (h / 10 snapshots; the forecasters
+    read snapshots 10 steps apart, as recorded in their corpus), from the trunk's history up to step t, pooled over
+    the neuron layers (weights and biases, as the recorder lays them out); its best length and cosine as for the
+    trend. NaN where a forecaster cannot forecast (horizon beyond its training, history too short)."""
+    from sleepbot.errors import SleepbotError
+    from sleepbot.neurons import has_bias, layer_kind, neuron_layers
+
+    layers = neuron_layers(net)
+
+    def matrix(params: dict, name: str) -> torch.Tensor:
+        w = params[f"{name}.weight"].reshape(params[f"{name}.weight"].shape[0], -1)
+        return torch.cat([w, params[f"{name}.bias"][:, None]], 1) if has_bias(layers[name]) else w
+
+    steps = [s for s in sorted(snaps) if s <= t and (t - s) % 10 == 0]
+    out = {}
+    for label, fc in forecasters.items():
+        pred, true = [], [[] for _ in ends]
+        try:
+            if h % 10:
+                raise SleepbotError(f"horizon {h} is not a whole number of 10-step snapshots")
+            for name, module in layers.items():
+                hist = torch.stack([matrix(snaps[s], name) for s in steps[-fc.context :]])
+                pred.append((fc.predict(hist, h // 10, kind=layer_kind(module)) - hist[-1]).reshape(-1))
+                for k, e in enumerate(ends):
+                    true[k].append((matrix(e, name) - hist[-1]).reshape(-1))
+        except SleepbotError:
+            out.update(
+                {
+                    f"r2_{label}": float("nan"),
+                    f"r2_{label}_best_length": float("nan"),
+                    f"cos_{label}": float("nan"),
+                }
+            )
+            continue
+        p = torch.cat(pred).double()
+        d = [torch.cat(x).double() for x in true]
+        mean = torch.stack(d).mean(0)
+        sst = sum(float(v.pow(2).sum()) for v in d)
+        best = float((p * mean).sum() / p.pow(2).sum().clamp_min(1e-300))
+        out[f"r2_{label}"] = 1 - sum(float((v - p).pow(2).sum()) for v in d) / sst
+        out[f"r2_{label}_best_length"] = 1 - sum(float((v - best * p).pow(2).sum()) for v in d) / sst
+        out[f"cos_{label}"] = float((p * mean).sum() / (p.norm() * mean.norm()).clamp_min(1e-300))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="digits")
@@ -338,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sleep-horizon", type=int, default=200, help="steps ahead of each simulated jump")
     p.add_argument("--max-steps", type=int, default=1000, help="budget of each simulated run")
     p.add_argument("--no-branch-stats", action="store_true", help="only the simulation")
+    p.add_argument(
+        "--forecaster",
+        nargs="*",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also score these forecasters against the branches (e.g. shipped=sleepbot/assets/forecaster.pt)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="also write the medians as Markdown tables here")
     p.add_argument(
@@ -375,6 +492,19 @@ def main(argv: list[str] | None = None) -> int:
             raise unknown_name("optimizer", args.optimizer, OPTIMIZERS)
     except SleepbotError as e:
         p.error(str(e))
+    forecasters = {}
+    args.forecaster_labels = []
+    for spec in args.forecaster:
+        label, _, path = spec.partition("=")
+        if not label.isidentifier() or not path:
+            p.error(f"--forecaster takes LABEL=PATH with LABEL a plain name, got {spec!r}")
+        try:
+            from sleepbot.forecast import load_forecaster
+
+            forecasters[label] = load_forecaster(path)
+            args.forecaster_labels.append(label)
+        except SleepbotError as e:
+            p.error(str(e))
     data = {k: dm.tensors[k] for k in ("train", "val")}
     n_train = len(data["train"][0])
     horizons = sorted(set(args.horizons))
@@ -417,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"seed": seed, "step": t, "horizon": h, "branches": len(e)}
                 row["pooled"] = branch_stats(now, e, names)
                 row["pooled"].update(trend_stats(snaps, t, h, e, names))
+                row["pooled"].update(forecaster_stats(net, snaps, t, h, e, forecasters))
                 row["per_tensor"] = {n: branch_stats(now, e, [n]) for n in names}
+                row["probes"] = probe_stats(net, now, ends, h, names, data)
                 pts = {"now": evaluate(net, now, data)}
                 each = [evaluate(net, x, data) for x in e]
                 pts["one branch (mean over branches)"] = {

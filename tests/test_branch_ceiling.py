@@ -48,6 +48,43 @@ def test_the_trend_of_a_straight_path_is_exact():
     assert s["r2_trend"] == pytest.approx(1.0) and s["cos_trend"] == pytest.approx(1.0)
 
 
+def test_forecasters_are_scored_on_the_neuron_layout():
+    """On a straight path a linear forecaster's jump is the future (R2 1); persistence scores 0 by definition; a
+    horizon that is not a whole number of 10-step snapshots has no score."""
+    from sleepbot.forecast.baselines import LinearForecaster, PersistenceForecaster
+
+    mod = _script()
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 2), torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    g = torch.Generator().manual_seed(2)
+    rate = {k: torch.randn(p.shape, generator=g) for k, p in net.named_parameters()}
+    snaps = {s: {k: s * v for k, v in rate.items()} for s in range(0, 110, 10)}
+    end = {k: 150 * v for k, v in rate.items()}
+    fcs = {"line": LinearForecaster(context=5), "still": PersistenceForecaster(context=5)}
+    s = mod.forecaster_stats(net, snaps, 100, 50, [end, end], fcs)
+    assert s["r2_line"] == pytest.approx(1.0) and s["cos_line"] == pytest.approx(1.0)
+    assert s["r2_still"] == 0.0
+    assert math.isnan(mod.forecaster_stats(net, snaps, 100, 45, [end, end], fcs)["r2_line"])
+
+
+def test_a_probe_along_a_straight_path_lands_on_the_mean():
+    """Branches that move on one straight line: the probe points at the mean (cosine 1), its best length is the
+    ratio of the horizons, and stretched it lands exactly where the mean lands."""
+    mod = _script()
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)
+    data = {"train": (x, y), "val": (x, y)}
+    now = {k: p.detach().clone() for k, p in net.named_parameters()}
+    rate = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in now.items()}
+    ends = {h: [{k: now[k] + h * rate[k] for k in now} for _ in range(6)] for h in (10, 40)}
+    rows = mod.probe_stats(net, now, ends, 40, list(now), data)
+    assert [(r["branches"], r["probe_steps"]) for r in rows] == [(1, 10), (4, 10)]
+    for r in rows:
+        assert r["cos"] == pytest.approx(1.0) and r["best_length"] == pytest.approx(4.0)
+        assert r["loss_stretched"] == pytest.approx(r["loss_at_mean"], rel=1e-5)
+        assert r["loss_best_length"] == pytest.approx(r["loss_at_mean"], rel=1e-5)
+
+
 def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsys):
     """With one batch of the whole (subset of the) training split, every data order gives the same gradients:
     the branches coincide and the ceiling is 1. With batches of 8 they differ, and the ceiling is below 1."""
@@ -66,7 +103,8 @@ def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsy
         "3",
     ]
     full, small = tmp_path / "full.json", tmp_path / "small.json"
-    assert mod.main([*common, "--batch-size", "64", "--json", str(full)]) == 0
+    shipped = "shipped=" + str(ROOT / "sleepbot" / "assets" / "forecaster.pt")
+    assert mod.main([*common, "--batch-size", "64", "--json", str(full), "--forecaster", shipped]) == 0
     assert mod.main([*common, "--batch-size", "8", "--json", str(small)]) == 0
     rows = json.loads(full.read_text())["rows"]
     assert [(r["step"], r["horizon"]) for r in rows] == [(10, 5), (10, 10)]
@@ -74,6 +112,7 @@ def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsy
         assert r["pooled"]["r2_ceiling"] > 0.999 and r["pooled"]["r2_other_branch"] > 0.999
         assert set(r["per_tensor"]) == {n for n, _ in _net_params()}
         assert {"now", "one branch (mean over branches)", "mean of 2 branches"} <= set(r["points"])
+        assert math.isnan(r["pooled"]["r2_shipped"])  # 2 snapshots by step 10: too few for its 5
     for r in json.loads(small.read_text())["rows"]:
         assert r["pooled"]["r2_ceiling"] < 0.99
         assert r["pooled"]["r2_other_branch"] < r["pooled"]["r2_ceiling"]
@@ -82,6 +121,9 @@ def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsy
     assert mod.main(["--from-json", str(full), str(small), "--markdown", str(md)]) == 0
     text = md.read_text()
     assert text.count("| horizon (steps) | R2 ceiling |") == 2 and "\n| 10 | 1.000 | 1.000 |" in text
+    assert (
+        "| the trend | shipped |" in text
+    )  # the first run scored the shipped forecaster, the second did not
 
 
 def _net_params():
@@ -136,6 +178,9 @@ def test_bad_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         mod.main(["--optimizer", "schedulefree_adamw"])
     assert "Schedule-Free" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--forecaster", "no label"])
+    assert "LABEL=PATH" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         mod.main(["--data", "nosuch"])
     assert "unknown dataset 'nosuch'" in capsys.readouterr().err
