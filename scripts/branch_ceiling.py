@@ -86,6 +86,18 @@ def train_steps(net, opt, sched, data, it, n: int, record: set[int] | None = Non
     return out
 
 
+def branch(net, opt, args, data: dict, seed: int, n: int, record: set[int]) -> dict[int, dict]:
+    """A copy of the network and its optimizer state trained `n` more steps with a data order of its own
+    (`seed`); its parameters after each step in `record`."""
+    from sleepbot.models import build_optimizer
+
+    bnet = copy.deepcopy(net)
+    bopt = build_optimizer(args.optimizer, bnet.parameters(), args.lr, momentum=args.momentum)
+    bopt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    order = batches(len(data["train"][0]), args.batch_size, torch.Generator().manual_seed(seed))
+    return train_steps(bnet, bopt, None, data, order, n, record)
+
+
 def branch_stats(now: dict, ends: list[dict], names: list[str]) -> dict[str, float]:
     """R2 ceiling, another branch's R2 and the cosine to the others' mean, pooled over `names`."""
     k = len(ends)
@@ -133,23 +145,18 @@ def steps_to_target(
         if evaluate(net, flat_params(net), data)["val_acc"] >= args.target:
             return step, jumps
         if jump and step % sleep_every == 0 and step < args.max_steps:
-            ends = []
-            for b in range(jump):
-                bnet = copy.deepcopy(net)
-                bopt = build_optimizer(args.optimizer, bnet.parameters(), args.lr, momentum=args.momentum)
-                bopt.load_state_dict(copy.deepcopy(opt.state_dict()))
-                gen = torch.Generator().manual_seed(10_000 * seed + step + 1_000_000 * (b + 1))
-                ends.append(
-                    train_steps(
-                        bnet,
-                        bopt,
-                        None,
-                        data,
-                        batches(n_train, args.batch_size, gen),
-                        sleep_horizon,
-                        {sleep_horizon},
-                    )[sleep_horizon]
-                )
+            ends = [
+                branch(
+                    net,
+                    opt,
+                    args,
+                    data,
+                    10_000 * seed + step + 1_000_000 * (b + 1),
+                    sleep_horizon,
+                    {sleep_horizon},
+                )[sleep_horizon]
+                for b in range(jump)
+            ]
             with torch.no_grad():
                 for k, p in net.named_parameters():
                     p.copy_(torch.stack([e[k] for e in ends]).mean(0))
@@ -224,6 +231,29 @@ def _median(xs: list[float]) -> float:
     return float(xs[n // 2]) if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
+def _no_score(label: str) -> dict[str, float]:
+    return {
+        f"r2_{label}": float("nan"),
+        f"r2_{label}_best_length": float("nan"),
+        f"cos_{label}": float("nan"),
+    }
+
+
+def score_predictor(label: str, pred: torch.Tensor, d: list[torch.Tensor]) -> dict[str, float]:
+    """R2_disp of the displacement `pred` against each branch's displacement in `d` (pooled), the same at the
+    best scalar length for the branches' mean (an oracle's choice), and the cosine with that mean."""
+    sst = sum(float(v.pow(2).sum()) for v in d)
+    if sst == 0:  # nothing moved
+        return _no_score(label)
+    mean = torch.stack(d).mean(0)
+    best = float((pred @ mean) / (pred @ pred).clamp_min(1e-300))
+    return {
+        f"r2_{label}": 1 - sum(float((v - pred).pow(2).sum()) for v in d) / sst,
+        f"r2_{label}_best_length": 1 - sum(float((v - best * pred).pow(2).sum()) for v in d) / sst,
+        f"cos_{label}": float((pred @ mean) / (pred.norm() * mean.norm()).clamp_min(1e-300)),
+    }
+
+
 def trend_stats(
     snaps: dict[int, dict], t: int, h: int, ends: list[dict], names: list[str]
 ) -> dict[str, float]:
@@ -238,17 +268,7 @@ def trend_stats(
     slope = (x[:, None] * (hist - hist.mean(0))).sum(0) / x.pow(2).sum()
     pred = slope * h
     now = hist[-1]
-    d = [flat(e) - now for e in ends]
-    mean = torch.stack(d).mean(0)
-    sst = sum(float(v.pow(2).sum()) for v in d)
-    if sst == 0:
-        return {"r2_trend": float("nan"), "r2_trend_best_length": float("nan"), "cos_trend": float("nan")}
-    best = float((pred * mean).sum() / pred.pow(2).sum().clamp_min(1e-300))
-    return {
-        "r2_trend": 1 - sum(float((v - pred).pow(2).sum()) for v in d) / sst,
-        "r2_trend_best_length": 1 - sum(float((v - best * pred).pow(2).sum()) for v in d) / sst,
-        "cos_trend": float((pred * mean).sum() / (pred.norm() * mean.norm()).clamp_min(1e-300)),
-    }
+    return score_predictor("trend", pred, [flat(e) - now for e in ends])
 
 
 def markdown(result: dict) -> str:
@@ -406,22 +426,9 @@ def forecaster_stats(
                 for k, e in enumerate(ends):
                     true[k].append((matrix(e, name) - hist[-1]).reshape(-1))
         except SleepbotError:
-            out.update(
-                {
-                    f"r2_{label}": float("nan"),
-                    f"r2_{label}_best_length": float("nan"),
-                    f"cos_{label}": float("nan"),
-                }
-            )
+            out.update(_no_score(label))
             continue
-        p = torch.cat(pred).double()
-        d = [torch.cat(x).double() for x in true]
-        mean = torch.stack(d).mean(0)
-        sst = sum(float(v.pow(2).sum()) for v in d)
-        best = float((p * mean).sum() / p.pow(2).sum().clamp_min(1e-300))
-        out[f"r2_{label}"] = 1 - sum(float((v - p).pow(2).sum()) for v in d) / sst
-        out[f"r2_{label}_best_length"] = 1 - sum(float((v - best * p).pow(2).sum()) for v in d) / sst
-        out[f"cos_{label}"] = float((p * mean).sum() / (p.norm() * mean.norm()).clamp_min(1e-300))
+        out.update(score_predictor(label, torch.cat(pred).double(), [torch.cat(x).double() for x in true]))
     return out
 
 
@@ -527,18 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             now = flat_params(net)
             ends: dict[int, list[dict]] = {h: [] for h in horizons}
             for b in range(args.branches):
-                bnet = copy.deepcopy(net)
-                bopt = build_optimizer(args.optimizer, bnet.parameters(), args.lr, momentum=args.momentum)
-                bopt.load_state_dict(copy.deepcopy(opt.state_dict()))
-                gen = torch.Generator().manual_seed(10_000 * seed + 100 * t + b + 1)
-                got = train_steps(
-                    bnet,
-                    bopt,
-                    None,
-                    data,
-                    batches(n_train, args.batch_size, gen),
-                    horizons[-1],
-                    set(horizons),
+                got = branch(
+                    net, opt, args, data, 10_000 * seed + 100 * t + b + 1, horizons[-1], set(horizons)
                 )
                 for h in horizons:
                     ends[h].append(got[h])
