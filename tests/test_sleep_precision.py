@@ -90,6 +90,7 @@ SETUPS = {
     "square_normalize": lambda tmp, m: ({"every_n_steps": 6, "mix": 0.5}, 13),
     "lookahead": lambda tmp, m: ({"k": 3}, 13),
     "average": lambda tmp, m: ({"every_n_steps": 6, "snapshot_every": 2, "k": 3}, 13),
+    "dmd": lambda tmp, m: ({"every_n_steps": 6, "snapshot_every": 2, "context": 3, "min_context": 3}, 13),
     "learned": lambda tmp, m: ({"every_n_steps": 40}, 41),  # the shipped forecaster: 5 snapshots 10 apart
     "oracle": lambda tmp, m: (
         {"run": _recorded_run(tmp, m), "every_n_steps": 6, "horizon": 2, "snapshot_every": 2},

@@ -135,6 +135,49 @@ def case_average(hist, kind, name, tmp_path):
         make_strategy("average", k=1)
 
 
+def ref_dmd(history: np.ndarray, horizon: int, rank: int, max_ratio: float) -> np.ndarray:
+    """Textbook exact DMD (Schmid 2010; Tu et al. 2014) in numpy: X = [x_0 .. x_{C-2}], Y = [x_1 .. x_{C-1}] as
+    columns, X = U S V^T truncated to `rank`, A~ = U^T Y V S^-1, the jump U (A~^h - I) U^T x_{C-1}, capped at
+    max_ratio x |x_{C-1} - x_0| / (C - 1) x h."""
+    c = history.shape[0]
+    cols = history.reshape(c, -1).T  # [P, C]
+    u, sv, vt = np.linalg.svd(cols[:, :-1], full_matrices=False)
+    r = min(rank, int((sv > sv[0] * 1e-10).sum()))
+    u, sv, v = u[:, :r], sv[:r], vt[:r].T
+    a = u.T @ cols[:, 1:] @ v @ np.diag(1 / sv)
+    z = u.T @ cols[:, -1]
+    jump = u @ (np.linalg.matrix_power(a, horizon) @ z - z)
+    cap = max_ratio * np.linalg.norm(cols[:, -1] - cols[:, 0]) / (c - 1) * horizon
+    if np.linalg.norm(jump) > cap:
+        jump *= cap / np.linalg.norm(jump)
+    return (cols[:, -1] + jump).reshape(history.shape[1:])
+
+
+def case_dmd(hist, kind, name, tmp_path):
+    steps = [0, 3, 6, 9, 12, 15]
+    for rank, ratio in ((2, 1.0), (8, 3.0)):
+        got = make_strategy("dmd", rank=rank, max_ratio=ratio).propose(hist, 4, _ctx(name, kind, steps))
+        _check_close(got, ref_dmd(hist.double().numpy(), 4, rank, ratio))
+    for bad in ({"rank": 0}, {"max_ratio": 0.0}):
+        with pytest.raises(SleepbotError, match="dmd"):
+            make_strategy("dmd", **bad)
+
+
+def test_dmd_fits_a_straight_path_and_a_geometric_approach_exactly():
+    g = torch.Generator().manual_seed(4)
+    x0, v, target = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    ctx = _ctx("layer", "linear", [0, 3, 6, 9, 12, 15, 18, 21])
+    line = torch.stack([x0 + t * v for t in range(8)])
+    torch.testing.assert_close(make_strategy("dmd").propose(line, 5, ctx), x0 + 12 * v)
+    # x_t = target + 0.8^t (x0 - target): the jump approaches the target, shorter than the straight line
+    curve = torch.stack([target + 0.8**t * (x0 - target) for t in range(8)])
+    torch.testing.assert_close(make_strategy("dmd").propose(curve, 5, ctx), target + 0.8**12 * (x0 - target))
+    # a growing mode is capped at the straight line's length
+    grow = torch.stack([target + 1.5**t * (x0 - target) for t in range(8)])
+    got = make_strategy("dmd").propose(grow, 5, ctx)
+    assert (got - grow[-1]).norm() == pytest.approx(float((grow[-1] - grow[0]).norm() / 7 * 5))
+
+
 def case_random(hist, kind, name, tmp_path):
     s = make_strategy("random", base="linear")
     steps = [0, 3, 6, 9, 12, 15]
@@ -232,6 +275,7 @@ REFERENCES = {
     "square_normalize": case_square_normalize,
     "lookahead": case_lookahead,
     "average": case_average,
+    "dmd": case_dmd,
     "random": case_random,
     "learned": case_learned,
     "oracle": case_oracle,

@@ -11,6 +11,7 @@ Every strategy works on one layer: `history` [C, N, F] (oldest first, `history[-
 | `square_normalize` | per neuron: sign(w) * w^2, rescaled to the neuron's own L2 norm (bias included)           |
 | `lookahead`        | Lookahead (Zhang et al. 2019): slow + alpha * (fast - slow), every k steps                |
 | `average`          | the mean of each weight's C snapshots (tail averaging, as SWA / Polyak averaging do)      |
+| `dmd`              | dynamic mode decomposition: the layer's C snapshots fitted by one low-rank linear map     |
 | `oracle`           | the weights a recorded run (same seed, no sleep) had `horizon` snapshots further on       |
 | `random`           | a jump of the same per-layer size as another strategy's (default linear), random direction |
 """
@@ -184,6 +185,64 @@ class Average(SleepStrategy):
     def validate(self, settings: SleepSettings) -> None:
         if settings.context < 2:
             raise SleepbotError(f"average needs context >= 2 snapshots, got {settings.context}")
+
+
+@register_strategy("dmd")
+class DMD(SleepStrategy):
+    """Dynamic mode decomposition (Schmid 2010; as a training accelerator: Tano et al. 2020, Dogra & Redman 2020):
+    the layer's C snapshots x_0 .. x_{C-1} (every weight of the layer as one vector) are fitted by one linear map
+    x_{c+1} = A x_c restricted to the top `rank` left singular vectors U of [x_0 .. x_{C-2}], and the layer moves
+    to x_{C-1} + U (A~^h - I) U^T x_{C-1}, h = `horizon` snapshots on, with A~ = U^T A U the fitted r x r map.
+
+    Unlike the per-neuron strategies, it reads what the layer's weights do together: one map for the whole layer
+    (on held-out branch states it explains more of the 200-step future than the per-neuron forecasters,
+    `scripts/branch_ceiling.py`). A straight path and a geometric approach to a point are fitted exactly. Since
+    A~^h can grow without bound where A~ has an eigenvalue above 1, the jump is capped at `max_ratio` times the
+    length of the path's own net displacement per snapshot times h (the straight line's length; 1: never
+    longer than the straight line).
+
+    Args:
+        rank: the subspace's dimension at most (also at most C - 1 and the number of non-zero singular values).
+        max_ratio: the cap on the jump's length, relative to the straight line's.
+    """
+
+    def __init__(self, rank: int = 8, max_ratio: float = 1.0) -> None:
+        if rank < 1:
+            raise SleepbotError(f"dmd rank must be >= 1, got {rank}")
+        if not max_ratio > 0:
+            raise SleepbotError(f"dmd max_ratio must be > 0, got {max_ratio}")
+        self.rank = int(rank)
+        self.max_ratio = float(max_ratio)
+
+    def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
+        c = history.shape[0]
+        x = history.reshape(c, -1).double()  # [C, P]
+        cur = x[-1]
+        # x[:-1] = W diag(s) Vh, so the snapshots' left singular vectors (P-space) are the rows of Vh.
+        w, s, vh = torch.linalg.svd(x[:-1], full_matrices=False)
+        keep = int(min(self.rank, int((s > s[0] * 1e-10).sum())))
+        if keep == 0:
+            return history[-1].clone()
+        w, s, vh = w[:, :keep], s[:keep], vh[:keep]
+        a = (vh @ x[1:].T) @ w / s  # [r, r]: U^T Y V S^-1
+        z = vh @ cur
+        step = vh.T @ (torch.linalg.matrix_power(a, int(horizon)) @ z - z)  # [P]
+        line = (cur - x[0]).norm() / (c - 1) * horizon * self.max_ratio
+        size = step.norm()
+        if not torch.isfinite(size):
+            return history[-1].clone()
+        if size > line:
+            step = step * (line / size)
+        return (cur + step).to(history.dtype).reshape(history.shape[1:])
+
+    def defaults(self) -> dict[str, Any]:
+        return {"context": 20, "min_context": 5, "carry_history": True}
+
+    def validate(self, settings: SleepSettings) -> None:
+        if settings.min_context < 3:
+            raise SleepbotError(
+                f"dmd needs at least 3 snapshots to fit a map, got min_context={settings.min_context}"
+            )
 
 
 # How far `Sleep("learned")` jumps with the shipped forecaster, in snapshots (see Learned.defaults).
