@@ -51,6 +51,15 @@ def flat_params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in net.named_parameters()}
 
 
+def unflat(x: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: tensor} shaped and typed as `like`, from one flat vector in `like`'s order."""
+    out, o = {}, 0
+    for n, v in like.items():
+        out[n] = x[o : o + v.numel()].reshape(v.shape).to(v.dtype)
+        o += v.numel()
+    return out
+
+
 def evaluate(net: torch.nn.Module, params: dict[str, torch.Tensor], data: dict) -> dict[str, float]:
     """Training loss over the whole training split and validation accuracy at `params` (no_grad, eval mode)."""
     net = copy.deepcopy(net)
@@ -255,11 +264,18 @@ def score_predictor(label: str, pred: torch.Tensor, d: list[torch.Tensor]) -> di
 
 
 def trend_stats(
-    snaps: dict[int, dict], t: int, h: int, ends: list[dict], names: list[str]
+    snaps: dict[int, dict],
+    t: int,
+    h: int,
+    ends: list[dict],
+    names: list[str],
+    net: torch.nn.Module | None = None,
+    data: dict | None = None,
 ) -> dict[str, float]:
     """R2_disp against the branches of the history's least-squares trend (the last up to 20 snapshots 10 steps
     apart, extrapolated h steps), as it is and at its best scalar length (an oracle's choice), and its cosine with
-    the branches' mean: what a forecaster that reads only the path gets here."""
+    the branches' mean: what a forecaster that reads only the path gets here. With `net` and `data`, also the
+    training loss where its jump lands (`loss_trend`)."""
     steps = [s for s in sorted(snaps) if s <= t][-20:]
     flat = lambda m: torch.cat([m[n].reshape(-1).double() for n in names])  # noqa: E731
     hist = torch.stack([flat(snaps[s]) for s in steps])  # [T, P]
@@ -268,7 +284,12 @@ def trend_stats(
     slope = (x[:, None] * (hist - hist.mean(0))).sum(0) / x.pow(2).sum()
     pred = slope * h
     now = hist[-1]
-    return score_predictor("trend", pred, [flat(e) - now for e in ends])
+    out = score_predictor("trend", pred, [flat(e) - now for e in ends])
+    if net is not None and data is not None:
+        out["loss_trend"] = evaluate(net, unflat(now + pred, {n: snaps[t][n] for n in names}), data)[
+            "train_loss"
+        ]
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -282,7 +303,8 @@ def markdown(result: dict) -> str:
         labels = ["trend"] + list(result["args"].get("forecaster_labels", []))
         out += [
             f"**{head}**: branched at steps {', '.join(map(str, a['steps']))}; medians over (seed, step); each "
-            f"predictor as R2_disp as it is / at its best length (its cosine with the branches' mean)",
+            f"predictor as R2_disp as it is / at its best length (its cosine with the branches' mean); the "
+            f"training loss where its jump lands",
             "",
             "| horizon (steps) | R2 ceiling | another branch | "
             + " | ".join(f"the {x}" if x == "trend" else x for x in labels)
@@ -306,7 +328,9 @@ def markdown(result: dict) -> str:
                 return med(lambda row: row["pooled"][key])
 
             cells = [f"{q('r2_ceiling'):.3f}", f"{q('r2_other_branch'):.3f}"] + [
-                f"{q(f'r2_{x}'):.2f} / {q(f'r2_{x}_best_length'):.3f} ({q(f'cos_{x}'):.2f})" for x in labels
+                f"{q(f'r2_{x}'):.2f} / {q(f'r2_{x}_best_length'):.3f} ({q(f'cos_{x}'):.2f})"
+                + (f"; lands {q(f'loss_{x}'):.3f}" if f"loss_{x}" in sel[0]["pooled"] else "")
+                for x in labels
             ]
             out.append(f"| {h} | " + " | ".join(cells) + f" | {loss} |")
         out.append("")
@@ -367,19 +391,12 @@ def probe_stats(
     f0 = flat(now)
     like = {n: now[n] for n in names}
 
-    def unflat(x: torch.Tensor) -> dict:
-        out, o = {}, 0
-        for n, v in like.items():
-            out[n] = x[o : o + v.numel()].reshape(v.shape).to(v.dtype)
-            o += v.numel()
-        return out
-
     rows = []
     for k in (1, 4):
         if k + 2 > len(ends[h]):
             continue
         target = torch.stack([flat(e) - f0 for e in ends[h][k:]]).mean(0)
-        at_target = evaluate(net, unflat(f0 + target), data)["train_loss"]
+        at_target = evaluate(net, unflat(f0 + target, like), data)["train_loss"]
         for hp in sorted(x for x in ends if x < h):
             probe = torch.stack([flat(e) - f0 for e in ends[hp][:k]]).mean(0)
             best = float((probe @ target) / (probe @ probe).clamp_min(1e-300))
@@ -389,21 +406,46 @@ def probe_stats(
                     "probe_steps": hp,
                     "cos": float((probe @ target) / (probe.norm() * target.norm()).clamp_min(1e-300)),
                     "best_length": best,
-                    "loss_stretched": evaluate(net, unflat(f0 + h / hp * probe), data)["train_loss"],
-                    "loss_best_length": evaluate(net, unflat(f0 + best * probe), data)["train_loss"],
+                    "loss_stretched": evaluate(net, unflat(f0 + h / hp * probe, like), data)["train_loss"],
+                    "loss_best_length": evaluate(net, unflat(f0 + best * probe, like), data)["train_loss"],
                     "loss_at_mean": at_target,
                 }
             )
     return rows
 
 
+class StrategyPredictor:
+    """A sleep strategy read as a forecaster (`context`, `predict(history, horizon, kind=...)`), so that its
+    proposal is scored like a forecaster's: e.g. `dmd`, which fits a whole layer at once."""
+
+    def __init__(self, strategy, context: int = 20, min_context: int = 5) -> None:
+        self.strategy, self.context, self.min_context = strategy, context, min_context
+
+    def predict(self, history: torch.Tensor, horizon: int, *, kind: str = "linear") -> torch.Tensor:
+        from sleepbot.errors import SleepbotError
+        from sleepbot.sleep.base import LayerContext
+
+        if history.shape[0] < self.min_context:
+            raise SleepbotError(f"{history.shape[0]} snapshots; needs {self.min_context}")
+        steps = torch.arange(history.shape[0]) * 10
+        ctx = LayerContext(layer="", kind=kind, step=int(steps[-1]), steps=steps, snapshot_every=10)
+        return self.strategy.propose(history, horizon, ctx)
+
+
 def forecaster_stats(
-    net: torch.nn.Module, snaps: dict[int, dict], t: int, h: int, ends: list[dict], forecasters: dict
+    net: torch.nn.Module,
+    snaps: dict[int, dict],
+    t: int,
+    h: int,
+    ends: list[dict],
+    forecasters: dict,
+    data: dict | None = None,
 ) -> dict[str, float]:
     """R2_disp against the branches of each forecaster's jump h steps ahead (h / 10 snapshots; the forecasters
     read snapshots 10 steps apart, as recorded in their corpus), from the trunk's history up to step t, pooled over
     the neuron layers (weights and biases, as the recorder lays them out); its best length and cosine as for the
-    trend. NaN where a forecaster cannot forecast (horizon beyond its training, history too short)."""
+    trend; with `data`, also the training loss where its jump lands (`loss_LABEL`). NaN where a forecaster cannot
+    forecast (horizon beyond its training, history too short)."""
     from sleepbot.errors import SleepbotError
     from sleepbot.neurons import has_bias, layer_kind, neuron_layers
 
@@ -420,15 +462,25 @@ def forecaster_stats(
         try:
             if h % 10:
                 raise SleepbotError(f"horizon {h} is not a whole number of 10-step snapshots")
+            landed = dict(snaps[t])
             for name, module in layers.items():
                 hist = torch.stack([matrix(snaps[s], name) for s in steps[-fc.context :]])
-                pred.append((fc.predict(hist, h // 10, kind=layer_kind(module)) - hist[-1]).reshape(-1))
+                new = fc.predict(hist, h // 10, kind=layer_kind(module))
+                pred.append((new - hist[-1]).reshape(-1))
                 for k, e in enumerate(ends):
                     true[k].append((matrix(e, name) - hist[-1]).reshape(-1))
+                weight = landed[f"{name}.weight"]
+                landed[f"{name}.weight"] = new[:, : weight[0].numel()].reshape(weight.shape)
+                if has_bias(module):
+                    landed[f"{name}.bias"] = new[:, -1]
         except SleepbotError:
             out.update(_no_score(label))
+            if data is not None:
+                out[f"loss_{label}"] = float("nan")
             continue
         out.update(score_predictor(label, torch.cat(pred).double(), [torch.cat(x).double() for x in true]))
+        if data is not None:
+            out[f"loss_{label}"] = evaluate(net, landed, data)["train_loss"]
     return out
 
 
@@ -461,6 +513,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="LABEL=PATH",
         help="also score these forecasters against the branches (e.g. shipped=sleepbot/assets/forecaster.pt)",
+    )
+    p.add_argument(
+        "--dmd",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="RANK",
+        help="also score Sleep('dmd') at these ranks, each layer fitted from its last up to 20 snapshots",
     )
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="also write the medians as Markdown tables here")
@@ -512,6 +572,14 @@ def main(argv: list[str] | None = None) -> int:
             args.forecaster_labels.append(label)
         except SleepbotError as e:
             p.error(str(e))
+    for rank in args.dmd:
+        from sleepbot.sleep import make_strategy
+
+        try:
+            forecasters[f"dmd{rank}"] = StrategyPredictor(make_strategy("dmd", rank=rank))
+        except SleepbotError as e:
+            p.error(str(e))
+        args.forecaster_labels.append(f"dmd{rank}")
     data = {k: dm.tensors[k] for k in ("train", "val")}
     n_train = len(data["train"][0])
     horizons = sorted(set(args.horizons))
@@ -543,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                 e = ends[h]
                 row = {"seed": seed, "step": t, "horizon": h, "branches": len(e)}
                 row["pooled"] = branch_stats(now, e, names)
-                row["pooled"].update(trend_stats(snaps, t, h, e, names))
-                row["pooled"].update(forecaster_stats(net, snaps, t, h, e, forecasters))
+                row["pooled"].update(trend_stats(snaps, t, h, e, names, net, data))
+                row["pooled"].update(forecaster_stats(net, snaps, t, h, e, forecasters, data))
                 row["per_tensor"] = {n: branch_stats(now, e, [n]) for n in names}
                 row["probes"] = probe_stats(net, now, ends, h, names, data)
                 pts = {"now": evaluate(net, now, data)}

@@ -60,10 +60,24 @@ def test_forecasters_are_scored_on_the_neuron_layout():
     snaps = {s: {k: s * v for k, v in rate.items()} for s in range(0, 110, 10)}
     end = {k: 150 * v for k, v in rate.items()}
     fcs = {"line": LinearForecaster(context=5), "still": PersistenceForecaster(context=5)}
-    s = mod.forecaster_stats(net, snaps, 100, 50, [end, end], fcs)
+    x, y = torch.randn(8, 2, 2, generator=g), torch.randint(0, 2, (8,), generator=g)
+    data = {"train": (x, y), "val": (x, y)}
+    s = mod.forecaster_stats(net, snaps, 100, 50, [end, end], fcs, data)
     assert s["r2_line"] == pytest.approx(1.0) and s["cos_line"] == pytest.approx(1.0)
     assert s["r2_still"] == 0.0
+    # where each jump lands: the linear one at the future, persistence where the run is
+    assert s["loss_line"] == pytest.approx(mod.evaluate(net, end, data)["train_loss"], rel=1e-5)
+    assert s["loss_still"] == pytest.approx(mod.evaluate(net, snaps[100], data)["train_loss"], rel=1e-5)
+    # a sleep strategy read as a forecaster: DMD fits the straight path exactly too
+    dmd = mod.StrategyPredictor(mod_strategy("dmd"))
+    assert mod.forecaster_stats(net, snaps, 100, 50, [end, end], {"dmd": dmd})["r2_dmd"] == pytest.approx(1.0)
     assert math.isnan(mod.forecaster_stats(net, snaps, 100, 45, [end, end], fcs)["r2_line"])
+
+
+def mod_strategy(name: str):
+    from sleepbot.sleep import make_strategy
+
+    return make_strategy(name)
 
 
 def test_a_probe_along_a_straight_path_lands_on_the_mean():
@@ -104,7 +118,10 @@ def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsy
     ]
     full, small = tmp_path / "full.json", tmp_path / "small.json"
     shipped = "shipped=" + str(ROOT / "sleepbot" / "assets" / "forecaster.pt")
-    assert mod.main([*common, "--batch-size", "64", "--json", str(full), "--forecaster", shipped]) == 0
+    assert (
+        mod.main([*common, "--batch-size", "64", "--json", str(full), "--forecaster", shipped, "--dmd", "2"])
+        == 0
+    )
     assert mod.main([*common, "--batch-size", "8", "--json", str(small)]) == 0
     rows = json.loads(full.read_text())["rows"]
     assert [(r["step"], r["horizon"]) for r in rows] == [(10, 5), (10, 10)]
