@@ -1,29 +1,45 @@
 """How predictable is a run's future at all? Branch one run into K copies that differ only in their data order.
 
-    python scripts/branch_ceiling.py --data digits --arch small_cnn --optimizer adam --lr 0.03 \
-        --seeds 800 801 802 --steps 50 100 200 --horizons 20 50 100 200 --branches 8 --json out.json
+    python scripts/branch_ceiling.py --data digits --arch small_cnn --optimizer adam --lr 0.01 \
+        --seeds 800 801 802 --steps 50 100 200 --horizons 20 50 100 200 --branches 8 \
+        [--forecaster shipped=sleepbot/assets/forecaster.pt] [--dmd 8] --json out.json [--markdown out.md]
+    python scripts/branch_ceiling.py --no-branch-stats ... --target 0.96 --max-steps 500 --json sim.json
+    python scripts/branch_ceiling.py --from-json out.json sim.json --markdown tables.md
 
-A forecaster sees a run's weights (and, at most, its optimizer's state and its data) up to the jump; it cannot see
-which minibatches the next steps will draw. So the best any forecaster can do is the conditional mean of the
-future given the state now, and R2_disp against the one future that happened is capped by how much the future
-varies with the data order alone. This script measures that cap directly. It trains one run (a plain loop with
-the project's architectures, optimizers, data and batch size; minibatches drawn without replacement per epoch, as
-the Trainer's shuffled loader draws them) to each step t of --steps, copies the network and the optimizer's
-state, and continues K copies for up to max(--horizons) steps, each with its own data order. At every horizon h
-(in steps) it reports, pooled over all parameters and per parameter tensor:
+A forecaster sees a run's path up to the jump (its weights, perhaps its optimizer's state); it cannot see which
+minibatches the next steps will draw. So the best any forecaster can do is the mean of the future given the run's
+state now (weights and optimizer state, the data known), and R2_disp against the one future that happened is
+capped by how much the future varies with the data order alone. This script measures that cap directly. It
+trains one run (a plain loop with the project's architectures, optimizers, data and batch size; minibatches drawn
+without replacement per epoch, as the Trainer's shuffled loader draws them) to each step t of --steps, copies the
+network and the optimizer's state, and continues K copies for up to max(--horizons) steps, each with its own data
+order. At every horizon h (in steps) it reports, pooled over all parameters and per parameter tensor:
 
 - `r2_ceiling`: R2_disp of the conditional mean against one branch's displacement, 1 - sigma^2 / E|d|^2, with
   sigma^2 estimated without bias from the branches (the leave-one-out mean's error times (K - 1) / K);
 - `r2_other_branch`: R2_disp of another branch's displacement (foresight of a different data order);
 - `cos_mean`: the mean cosine between one branch's displacement and the mean of the others';
+- for the path's least-squares trend, each `--forecaster` and `Sleep("dmd")` at each `--dmd` rank, all reading
+  the trunk's snapshots 10 steps apart: R2_disp against the branches as it is and at its best scalar length, its
+  cosine with the branches' mean, and the training loss where its jump lands;
+- probes: the mean displacement of the first 1 or 4 branches after a shorter horizon, stretched to h, against the
+  mean of the other branches (does a straight stretch of a few of the steps to come land where the mean does?);
 
 and the training loss (whole training split) and validation accuracy at: the weights now, each branch's end (mean
 over branches), and the mean of the first k branches' ends for k = 2, 4, ..., K (a conditional-mean jump: does
 the average of possible futures land as well as a future itself?).
 
+With --target it also simulates sleep in the same loop, on every seed: none; the oracle, which every
+--sleep-every steps jumps --sleep-horizon steps ahead to one fresh branch's future; and the mean of K branches'
+futures (a perfect conditional-mean forecaster). The run keeps its own optimizer state after a jump; the
+branches' steps are not counted (these are ceilings, not methods). It gives steps to the target with the compare
+harness's paired BCa interval.
+
 It answers whether the goals R2_disp >= 0.5 and "75% of the oracle's saving" are within reach of any forecaster
 of these runs, and whether the conditional mean, what a forecaster trained on a squared error estimates, is a
-place worth jumping to. Every number comes from real training; about 1-3 minutes a seed on 2 cores.
+place worth jumping to. Every number comes from real training: 10-30 s a seed on one core for the statistics, a
+few minutes a workload for the simulation. Schedule-Free optimizers are not supported (their evaluated point is
+not their parameters).
 """
 
 from __future__ import annotations
@@ -489,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="digits")
     p.add_argument("--arch", default="small_cnn")
     p.add_argument("--optimizer", default="adam")
-    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seeds", type=int, nargs="+", default=[800, 801, 802])

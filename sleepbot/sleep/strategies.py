@@ -161,10 +161,11 @@ class Lookahead(SleepStrategy):
 @register_strategy("average")
 class Average(SleepStrategy):
     """Tail averaging as a sleep: each weight moves to the mean of its last `k` snapshots (Polyak averaging, and
-    SWA's running mean, restarted at every sleep), and training goes on from there. It looks back, not ahead: it
-    keeps the run's progress along the valley (the mean lags the path by half its span) and drops the iterates'
-    bounce across it, which is why the mean of several equally likely futures lands lower than any one of them
-    (`scripts/branch_ceiling.py`). `horizon` is not read. The optimizer state is left to the callback.
+    SWA's running mean, restarted at every sleep), and training goes on from there. It looks back, not ahead: the
+    mean lags the path by about half its span and drops the iterates' bounce across the valley. It is the control
+    for `scripts/branch_ceiling.py`, where the mean of several futures of one state lands lower than any one of
+    them: does averaging alone pay? (On development seeds it did not; README, "How predictable is a run's future
+    at all?".) `horizon` is not read. The optimizer state is left to the callback.
 
     Args:
         k: snapshots averaged (the callback's context); with the default snapshot_every of 10, k = 5 averages the
@@ -194,9 +195,8 @@ class DMD(SleepStrategy):
     x_{c+1} = A x_c restricted to the top `rank` left singular vectors U of [x_0 .. x_{C-2}], and the layer moves
     to x_{C-1} + U (A~^h - I) U^T x_{C-1}, h = `horizon` snapshots on, with A~ = U^T A U the fitted r x r map.
 
-    Unlike the per-neuron strategies, it reads what the layer's weights do together: one map for the whole layer
-    (on held-out branch states it explains more of the 200-step future than the per-neuron forecasters,
-    `scripts/branch_ceiling.py`). A straight path and a geometric approach to a point are fitted exactly. Since
+    Unlike the per-neuron strategies, it reads what the layer's weights do together: one map for the whole layer.
+    A straight path and a geometric approach to a point are fitted exactly. Since
     A~^h can grow without bound where A~ has an eigenvalue above 1, the jump is capped at `max_ratio` times the
     length of the path's own net displacement per snapshot times h (the straight line's length; 1: never
     longer than the straight line). It works in float64 on the whole layer at once: C copies of the layer's
@@ -218,6 +218,8 @@ class DMD(SleepStrategy):
 
     def propose(self, history: torch.Tensor, horizon: int, ctx: LayerContext) -> torch.Tensor:
         c = history.shape[0]
+        if c < 2:  # nothing to fit a map to
+            return history[-1].clone()
         x = history.reshape(c, -1).double()  # [C, P]
         cur = x[-1]
         # x[:-1] = W diag(s) Vh, so the snapshots' left singular vectors (P-space) are the rows of Vh.
