@@ -49,8 +49,9 @@ def test_the_trend_of_a_straight_path_is_exact():
 
 
 def test_forecasters_are_scored_on_the_neuron_layout():
-    """On a straight path a linear forecaster's jump is the future (R2 1); persistence scores 0 by definition; a
-    horizon that is not a whole number of 10-step snapshots has no score."""
+    """On a straight path a linear forecaster's jump is the future (R2 1, and it lands there); persistence scores 0
+    by definition and lands where the run is; DMD read as a forecaster fits the path too; a horizon that is not a
+    whole number of 10-step snapshots has no score."""
     from sleepbot.forecast.baselines import LinearForecaster, PersistenceForecaster
 
     mod = _script()
@@ -69,12 +70,12 @@ def test_forecasters_are_scored_on_the_neuron_layout():
     assert s["loss_line"] == pytest.approx(mod.evaluate(net, end, data)["train_loss"], rel=1e-5)
     assert s["loss_still"] == pytest.approx(mod.evaluate(net, snaps[100], data)["train_loss"], rel=1e-5)
     # a sleep strategy read as a forecaster: DMD fits the straight path exactly too
-    dmd = mod.StrategyPredictor(mod_strategy("dmd"))
+    dmd = mod.StrategyPredictor(_strategy("dmd"))
     assert mod.forecaster_stats(net, snaps, 100, 50, [end, end], {"dmd": dmd})["r2_dmd"] == pytest.approx(1.0)
     assert math.isnan(mod.forecaster_stats(net, snaps, 100, 45, [end, end], fcs)["r2_line"])
 
 
-def mod_strategy(name: str):
+def _strategy(name: str):
     from sleepbot.sleep import make_strategy
 
     return make_strategy(name)
