@@ -51,6 +51,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +68,11 @@ def flat_params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in net.named_parameters()}
 
 
+def flat_vector(params: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """The tensors `names` of `params` as one float64 vector, in that order (`unflat` inverts it)."""
+    return torch.cat([params[n].reshape(-1).double() for n in names])
+
+
 def unflat(x: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{name: tensor} shaped and typed as `like`, from one flat vector in `like`'s order."""
     out, o = {}, 0
@@ -77,23 +83,29 @@ def unflat(x: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def evaluate(net: torch.nn.Module, params: dict[str, torch.Tensor], data: dict) -> dict[str, float]:
-    """Training loss over the whole training split and validation accuracy at `params` (no_grad, eval mode)."""
-    net = copy.deepcopy(net)
-    with torch.no_grad():
-        for k, p in net.named_parameters():
-            p.copy_(params[k])
-        net.eval()
-        xt, yt = data["train"]
-        loss = sum(
-            float(F.cross_entropy(net(xt[i : i + 1024]), yt[i : i + 1024], reduction="sum"))
-            for i in range(0, len(xt), 1024)
-        ) / len(xt)
-        xv, yv = data["val"]
-        acc = float((net(xv).argmax(1) == yv).float().mean())
+    """Training loss over the whole training split and validation accuracy at `params` (no_grad, eval mode; the
+    network's own parameters and mode are left as they were)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(net, params, (x,))
+
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            xt, yt = data["train"]
+            loss = sum(
+                float(F.cross_entropy(run(xt[i : i + 1024]), yt[i : i + 1024], reduction="sum"))
+                for i in range(0, len(xt), 1024)
+            ) / len(xt)
+            xv, yv = data["val"]
+            acc = float((run(xv).argmax(1) == yv).float().mean())
+    finally:
+        net.train(was_training)
     return {"train_loss": loss, "val_acc": acc}
 
 
-def train_steps(net, opt, sched, data, it, n: int, record: set[int] | None = None) -> dict[int, dict]:
+def train_steps(net, opt, data, it, n: int, record: set[int] | None = None) -> dict[int, dict]:
     """`n` optimizer steps on minibatches from the index iterator `it`; the parameters after each step in
     `record` (counted from 1)."""
     x, y = data["train"]
@@ -104,8 +116,6 @@ def train_steps(net, opt, sched, data, it, n: int, record: set[int] | None = Non
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(net(x[idx]), y[idx]).backward()
         opt.step()
-        if sched is not None:
-            sched.step()
         if record and s in record:
             out[s] = flat_params(net)
     return out
@@ -120,21 +130,14 @@ def branch(net, opt, args, data: dict, seed: int, n: int, record: set[int]) -> d
     bopt = build_optimizer(args.optimizer, bnet.parameters(), args.lr, momentum=args.momentum)
     bopt.load_state_dict(copy.deepcopy(opt.state_dict()))
     order = batches(len(data["train"][0]), args.batch_size, torch.Generator().manual_seed(seed))
-    return train_steps(bnet, bopt, None, data, order, n, record)
+    return train_steps(bnet, bopt, data, order, n, record)
 
 
 def branch_stats(now: dict, ends: list[dict], names: list[str]) -> dict[str, float]:
     """R2 ceiling, another branch's R2 and the cosine to the others' mean, pooled over `names`."""
     k = len(ends)
-    d = [torch.cat([(e[n] - now[n]).reshape(-1).double() for n in names]) for e in ends]
-    total = torch.stack(d).sum(0)
+    d = [flat_vector({n: e[n] - now[n] for n in names}, names) for e in ends]
     sst = sum(float(x.pow(2).sum()) for x in d) / k
-    loo = [(total - x) / (k - 1) for x in d]
-    loo_sse = sum(float((x - m).pow(2).sum()) for x, m in zip(d, loo)) / k
-    pair_sse = sum(float((d[i] - d[j]).pow(2).sum()) for i in range(k) for j in range(k) if i != j) / (
-        k * (k - 1)
-    )
-    cos = sum(float((x * m).sum() / (x.norm() * m.norm()).clamp_min(1e-300)) for x, m in zip(d, loo)) / k
     if sst == 0:  # nothing moved (lr 0): no R2 to speak of
         return {
             "r2_ceiling": float("nan"),
@@ -142,6 +145,13 @@ def branch_stats(now: dict, ends: list[dict], names: list[str]) -> dict[str, flo
             "cos_mean": float("nan"),
             "disp_norm": 0.0,
         }
+    total = torch.stack(d).sum(0)
+    loo = [(total - x) / (k - 1) for x in d]
+    loo_sse = sum(float((x - m).pow(2).sum()) for x, m in zip(d, loo)) / k
+    pair_sse = sum(float((d[i] - d[j]).pow(2).sum()) for i in range(k) for j in range(k) if i != j) / (
+        k * (k - 1)
+    )
+    cos = sum(float((x * m).sum() / (x.norm() * m.norm()).clamp_min(1e-300)) for x, m in zip(d, loo)) / k
     return {
         "r2_ceiling": 1 - (k - 1) / k * loo_sse / sst,
         "r2_other_branch": 1 - pair_sse / sst,
@@ -150,15 +160,15 @@ def branch_stats(now: dict, ends: list[dict], names: list[str]) -> dict[str, flo
     }
 
 
-def steps_to_target(
-    seed: int, args, data, dm, jump: int, sleep_every: int, sleep_horizon: int
-) -> tuple[int | None, int]:
+def steps_to_target(seed: int, args, data, dm, jump: int) -> tuple[int | None, int]:
     """Steps until the validation accuracy (checked every 10 steps) reaches args.target, in a run that every
     `sleep_every` steps jumps to the mean of `jump` branches' weights `sleep_horizon` steps ahead (jump 0: never
     sleeps). The branches start from the run's weights and optimizer state with data orders of their own; after
-    the jump the run keeps its own optimizer state (Sleep's `keep`). Returns (steps or None on a miss, jumps)."""
+    the jump the run keeps its own optimizer state (Sleep's `keep`). `sleep_every` and `sleep_horizon` are
+    args'. Returns (steps or None on a miss, jumps)."""
     from sleepbot.models import build_arch, build_optimizer
 
+    sleep_every, sleep_horizon = args.sleep_every, args.sleep_horizon
     torch.manual_seed(seed)
     net = build_arch(args.arch, dm.input_shape, dm.num_classes)
     opt = build_optimizer(args.optimizer, net.parameters(), args.lr, momentum=args.momentum)
@@ -166,7 +176,7 @@ def steps_to_target(
     trunk = batches(n_train, args.batch_size, torch.Generator().manual_seed(seed))
     jumps = 0
     for step in range(10, args.max_steps + 1, 10):
-        train_steps(net, opt, None, data, trunk, 10)
+        train_steps(net, opt, data, trunk, 10)
         if evaluate(net, flat_params(net), data)["val_acc"] >= args.target:
             return step, jumps
         if jump and step % sleep_every == 0 and step < args.max_steps:
@@ -203,7 +213,7 @@ def simulate(args, data, dm) -> dict:
     for seed in args.seeds:
         got = {}
         for arm, k in arms.items():
-            steps, jumps = steps_to_target(seed, args, data, dm, k, args.sleep_every, args.sleep_horizon)
+            steps, jumps = steps_to_target(seed, args, data, dm, k)
             got[arm] = {"steps": steps, "jumps": jumps}
         out["seeds"][seed] = got
         print(f"seed {seed}: " + ", ".join(f"{a} {v['steps']}" for a, v in got.items()), flush=True)
@@ -228,7 +238,7 @@ def summarize_simulation(sim: dict) -> None:
         sp = paired_speedup(of("none"), of(arm))
         misses = sum(v[arm]["steps"] is None for v in seeds)
         sim[arm] = {
-            "median_steps": _median(sorted(of(arm))),
+            "median_steps": _median(of(arm)),
             "misses": misses,
             "speedup": sp.ratio,
             "lo": sp.lo,
@@ -251,9 +261,8 @@ def summarize_simulation(sim: dict) -> None:
     }
 
 
-def _median(xs: list[float]) -> float:
-    n = len(xs)
-    return float(xs[n // 2]) if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+def _median(xs) -> float:
+    return float(np.median(xs))
 
 
 def _no_score(label: str) -> dict[str, float]:
@@ -293,7 +302,7 @@ def trend_stats(
     the branches' mean: what a forecaster that reads only the path gets here. With `net` and `data`, also the
     training loss where its jump lands (`loss_trend`)."""
     steps = [s for s in sorted(snaps) if s <= t][-20:]
-    flat = lambda m: torch.cat([m[n].reshape(-1).double() for n in names])  # noqa: E731
+    flat = lambda m: flat_vector(m, names)  # noqa: E731
     hist = torch.stack([flat(snaps[s]) for s in steps])  # [T, P]
     x = torch.tensor(steps, dtype=torch.float64)
     x = x - x.mean()
@@ -331,7 +340,7 @@ def markdown(result: dict) -> str:
             sel = [r for r in rows if r["horizon"] == h]
 
             def med(f, sel=sel) -> float:
-                xs = sorted(x for x in (f(r) for r in sel) if not math.isnan(x))
+                xs = [x for x in (f(r) for r in sel) if not math.isnan(x)]
                 return _median(xs) if xs else float("nan")
 
             k = max(int(n.split()[2]) for n in sel[0]["points"] if n.startswith("mean of "))
@@ -363,7 +372,7 @@ def markdown(result: dict) -> str:
             for i, pr in enumerate(sel[0]["probes"]):
 
                 def pm(key: str, i: int = i) -> float:
-                    return _median(sorted(r["probes"][i][key] for r in sel))
+                    return _median([r["probes"][i][key] for r in sel])
 
                 out.append(
                     f"| {pr['branches']} | {pr['probe_steps']} | {pm('cos'):.2f} | {pm('loss_stretched'):.3f} | "
@@ -403,7 +412,7 @@ def probe_stats(
     (K = 1: what h' more training steps show), against the mean of the other branches after h. Its cosine with
     that mean, and the training loss where it lands stretched to h (now + h / h' x the probe) and at its best
     scalar length for the mean (an oracle's choice), beside the loss at the mean itself."""
-    flat = lambda m: torch.cat([m[n].reshape(-1).double() for n in names])  # noqa: E731
+    flat = lambda m: flat_vector(m, names)  # noqa: E731
     f0 = flat(now)
     like = {n: now[n] for n in names}
 
@@ -434,8 +443,10 @@ class StrategyPredictor:
     """A sleep strategy read as a forecaster (`context`, `predict(history, horizon, kind=...)`), so that its
     proposal is scored like a forecaster's: e.g. `dmd`, which fits a whole layer at once."""
 
-    def __init__(self, strategy, context: int = 20, min_context: int = 5) -> None:
-        self.strategy, self.context, self.min_context = strategy, context, min_context
+    def __init__(self, strategy) -> None:
+        reads = strategy.defaults()  # how the strategy reads the history in a Sleep callback
+        self.strategy, self.context = strategy, int(reads.get("context", 20))
+        self.min_context = int(reads.get("min_context", self.context))
 
     def predict(self, history: torch.Tensor, horizon: int, *, kind: str = "linear") -> torch.Tensor:
         from sleepbot.errors import SleepbotError
@@ -610,9 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         done = 0
         snaps = {0: flat_params(net)}  # the trunk's weights every 10 steps, for the trend's history
         for t in sorted(args.steps):
-            got = train_steps(
-                net, opt, None, data, trunk, t - done, set(range(10 - done % 10, t - done + 1, 10))
-            )
+            got = train_steps(net, opt, data, trunk, t - done, set(range(10 - done % 10, t - done + 1, 10)))
             snaps.update({done + s: v for s, v in got.items()})
             done = t
             now = flat_params(net)
@@ -655,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     for h in horizons if rows else []:
         sel = [r for r in rows if r["horizon"] == h]
         summary[h] = {
-            key: _median(sorted(r["pooled"][key] for r in sel))
+            key: _median([r["pooled"][key] for r in sel])
             for key in ("r2_ceiling", "r2_other_branch", "r2_trend", "r2_trend_best_length", "cos_trend")
         }
         print(

@@ -188,17 +188,16 @@ def test_the_simulation_is_paired_and_counts_misses(tmp_path):
     assert "| none | 60 | 1 | 1.00x [nan, nan] |" in md.read_text()  # one seed: no interval
 
 
-def test_bad_options_are_refused(capsys):
-    mod = _script()
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--branches", "1"], "--branches must be >= 2"),
+        (["--optimizer", "schedulefree_adamw"], "Schedule-Free"),
+        (["--forecaster", "no label"], "LABEL=PATH"),
+        (["--data", "nosuch"], "unknown dataset 'nosuch'"),
+    ],
+)
+def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
-        mod.main(["--branches", "1"])
-    assert "--branches must be >= 2" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        mod.main(["--optimizer", "schedulefree_adamw"])
-    assert "Schedule-Free" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        mod.main(["--forecaster", "no label"])
-    assert "LABEL=PATH" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        mod.main(["--data", "nosuch"])
-    assert "unknown dataset 'nosuch'" in capsys.readouterr().err
+        _script().main(argv)
+    assert message in capsys.readouterr().err
