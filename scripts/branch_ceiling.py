@@ -2,7 +2,8 @@
 
     python scripts/branch_ceiling.py --data digits --arch small_cnn --optimizer adam --lr 0.01 \
         --seeds 800 801 802 --steps 50 100 200 --horizons 20 50 100 200 --branches 8 \
-        [--forecaster shipped=sleepbot/assets/forecaster.pt] [--dmd 8] --json out.json [--markdown out.md]
+        [--forecaster shipped=sleepbot/assets/forecaster.pt] [--dmd 8] [--large-batch 2 8] --json out.json \
+        [--markdown out.md]
     python scripts/branch_ceiling.py --no-branch-stats ... --target 0.96 --max-steps 500 --json sim.json
     python scripts/branch_ceiling.py --from-json out.json sim.json --markdown tables.md
 
@@ -24,6 +25,8 @@ order. At every horizon h (in steps) it reports, pooled over all parameters and 
   cosine with the branches' mean, and the training loss where its jump lands;
 - probes: the mean displacement of the first 1 or 4 branches after a shorter horizon, stretched to h, against the
   mean of the other branches (does a straight stretch of a few of the steps to come land where the mean does?);
+- with --large-batch M: one branch trained on batches M times as large, scored like a forecaster (is the
+  branches' mean what a larger batch would do?);
 
 and the training loss (whole training split) and validation accuracy at: the weights now, each branch's end (mean
 over branches), and the mean of the first k branches' ends for k = 2, 4, ..., K (a conditional-mean jump: does
@@ -31,7 +34,8 @@ the average of possible futures land as well as a future itself?).
 
 With --target it also simulates sleep in the same loop, on every seed: none; the oracle, which every
 --sleep-every steps jumps --sleep-horizon steps ahead to one fresh branch's future; and the mean of K branches'
-futures (a perfect conditional-mean forecaster). The run keeps its own optimizer state after a jump; the
+futures (a perfect conditional-mean forecaster); with --large-batch M also jumps to one branch's future on
+batches M times as large, and no sleep on such batches. The run keeps its own optimizer state after a jump; the
 branches' steps are not counted (these are ceilings, not methods). It gives steps to the target with the compare
 harness's paired BCa interval.
 
@@ -58,6 +62,8 @@ import torch.nn.functional as F
 
 def batches(n: int, batch_size: int, gen: torch.Generator):
     """Endless minibatch indices: a fresh permutation each epoch, the last incomplete batch dropped."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch size {batch_size} for {n} examples; it must be 1 to {n}")
     while True:
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - batch_size + 1, batch_size):
@@ -121,15 +127,18 @@ def train_steps(net, opt, data, it, n: int, record: set[int] | None = None) -> d
     return out
 
 
-def branch(net, opt, args, data: dict, seed: int, n: int, record: set[int]) -> dict[int, dict]:
+def branch(
+    net, opt, args, data: dict, seed: int, n: int, record: set[int], batch_multiple: int = 1
+) -> dict[int, dict]:
     """A copy of the network and its optimizer state trained `n` more steps with a data order of its own
-    (`seed`); its parameters after each step in `record`."""
+    (`seed`), on batches `batch_multiple` times args.batch_size; its parameters after each step in `record`."""
     from sleepbot.models import build_optimizer
 
     bnet = copy.deepcopy(net)
     bopt = build_optimizer(args.optimizer, bnet.parameters(), args.lr, momentum=args.momentum)
     bopt.load_state_dict(copy.deepcopy(opt.state_dict()))
-    order = batches(len(data["train"][0]), args.batch_size, torch.Generator().manual_seed(seed))
+    size = args.batch_size * batch_multiple
+    order = batches(len(data["train"][0]), size, torch.Generator().manual_seed(seed))
     return train_steps(bnet, bopt, data, order, n, record)
 
 
@@ -160,12 +169,34 @@ def branch_stats(now: dict, ends: list[dict], names: list[str]) -> dict[str, flo
     }
 
 
-def steps_to_target(seed: int, args, data, dm, jump: int) -> tuple[int | None, int]:
+def large_batch_stats(
+    net: torch.nn.Module, now: dict, big: dict[int, dict], ends: list[dict], names: list[str], data: dict
+) -> dict[str, float]:
+    """Is the branches' mean the future of a larger batch? For each multiple M in `big` (M -> the parameters of
+    one branch trained on batches M times as large, from the same state, as many steps as the branches in `ends`),
+    its displacement scored as a prediction of theirs, as `score_predictor` scores a forecaster (label `batchMx`),
+    and the training loss and validation accuracy where it lands (`loss_batchMx`, `acc_batchMx`)."""
+    f0 = flat_vector(now, names)
+    d = [flat_vector(e, names) - f0 for e in ends]
+    out = {}
+    for m, end in big.items():
+        out.update(score_predictor(f"batch{m}x", flat_vector(end, names) - f0, d))
+        at = evaluate(net, end, data)
+        out[f"loss_batch{m}x"], out[f"acc_batch{m}x"] = at["train_loss"], at["val_acc"]
+    return out
+
+
+def steps_to_target(
+    seed: int, args, data, dm, jump: int, jump_batch: int = 1, run_batch: int = 1
+) -> tuple[int | None, int, dict]:
     """Steps until the validation accuracy (checked every 10 steps) reaches args.target, in a run that every
     `sleep_every` steps jumps to the mean of `jump` branches' weights `sleep_horizon` steps ahead (jump 0: never
-    sleeps). The branches start from the run's weights and optimizer state with data orders of their own; after
-    the jump the run keeps its own optimizer state (Sleep's `keep`). `sleep_every` and `sleep_horizon` are
-    args'. Returns (steps or None on a miss, jumps)."""
+    sleeps). The branches start from the run's weights and optimizer state with data orders of their own and
+    batches `jump_batch` times args.batch_size; the run's own batches are `run_batch` times it. After the jump the
+    run keeps its own optimizer state (Sleep's `keep`). `sleep_every` and `sleep_horizon` are args'. Returns
+    (steps or None on a miss, jumps, trace): the trace holds [step, training loss, validation accuracy] at every
+    check ("checks") and right after every jump ("landed"), so a jump's landing can be told from what the run
+    keeps of it."""
     from sleepbot.models import build_arch, build_optimizer
 
     sleep_every, sleep_horizon = args.sleep_every, args.sleep_horizon
@@ -173,12 +204,14 @@ def steps_to_target(seed: int, args, data, dm, jump: int) -> tuple[int | None, i
     net = build_arch(args.arch, dm.input_shape, dm.num_classes)
     opt = build_optimizer(args.optimizer, net.parameters(), args.lr, momentum=args.momentum)
     n_train = len(data["train"][0])
-    trunk = batches(n_train, args.batch_size, torch.Generator().manual_seed(seed))
-    jumps = 0
+    trunk = batches(n_train, args.batch_size * run_batch, torch.Generator().manual_seed(seed))
+    jumps, trace = 0, {"checks": [], "landed": []}
     for step in range(10, args.max_steps + 1, 10):
         train_steps(net, opt, data, trunk, 10)
-        if evaluate(net, flat_params(net), data)["val_acc"] >= args.target:
-            return step, jumps
+        at = evaluate(net, flat_params(net), data)
+        trace["checks"].append([step, at["train_loss"], at["val_acc"]])
+        if at["val_acc"] >= args.target:
+            return step, jumps, trace
         if jump and step % sleep_every == 0 and step < args.max_steps:
             ends = [
                 branch(
@@ -189,6 +222,7 @@ def steps_to_target(seed: int, args, data, dm, jump: int) -> tuple[int | None, i
                     10_000 * seed + step + 1_000_000 * (b + 1),
                     sleep_horizon,
                     {sleep_horizon},
+                    jump_batch,
                 )[sleep_horizon]
                 for b in range(jump)
             ]
@@ -196,13 +230,23 @@ def steps_to_target(seed: int, args, data, dm, jump: int) -> tuple[int | None, i
                 for k, p in net.named_parameters():
                     p.copy_(torch.stack([e[k] for e in ends]).mean(0))
             jumps += 1
-    return None, jumps
+            at = evaluate(net, flat_params(net), data)
+            trace["landed"].append([step, at["train_loss"], at["val_acc"]])
+    return None, jumps, trace
 
 
 def simulate(args, data, dm) -> dict:
     """Steps to the target for: no sleep; the oracle (one branch's future: foresight of a data order); the
-    conditional-mean oracle (the mean of --branches branches' futures), each seed paired over the arms."""
-    arms = {"none": 0, "oracle (one branch)": 1, f"mean of {args.branches} branches": args.branches}
+    conditional-mean oracle (the mean of --branches branches' futures); for each --large-batch M, one branch's
+    future on batches M times as large, and no sleep on such batches; each seed paired over the arms."""
+    arms = {
+        "none": (0, 1, 1),
+        "oracle (one branch)": (1, 1, 1),
+        f"mean of {args.branches} branches": (args.branches, 1, 1),
+    }
+    for m in args.large_batch:
+        arms[f"one branch at batch x{m}"] = (1, m, 1)
+        arms[f"none at batch x{m}"] = (0, 1, m)
     out: dict = {
         "target": args.target,
         "sleep_every": args.sleep_every,
@@ -212,9 +256,9 @@ def simulate(args, data, dm) -> dict:
     }
     for seed in args.seeds:
         got = {}
-        for arm, k in arms.items():
-            steps, jumps = steps_to_target(seed, args, data, dm, k)
-            got[arm] = {"steps": steps, "jumps": jumps}
+        for arm, (k, jump_batch, run_batch) in arms.items():
+            steps, jumps, trace = steps_to_target(seed, args, data, dm, k, jump_batch, run_batch)
+            got[arm] = {"steps": steps, "jumps": jumps, "trace": trace}
         out["seeds"][seed] = got
         print(f"seed {seed}: " + ", ".join(f"{a} {v['steps']}" for a, v in got.items()), flush=True)
     summarize_simulation(out)
@@ -224,7 +268,8 @@ def simulate(args, data, dm) -> dict:
 def summarize_simulation(sim: dict) -> None:
     """Add each arm's median steps, misses and speedup over none (the compare harness's paired BCa interval of
     the ratio of medians, and the Wilcoxon p) to a simulation's result, and the branches' mean against the
-    one-branch oracle under "pair"; computed from the per-seed steps."""
+    one-branch oracle under "pair" (and under "pairs", with the branches' mean against each larger batch's
+    future); computed from the per-seed steps."""
     from sleepbot.analysis import paired_speedup
 
     cap = 2 * sim["max_steps"]  # a miss counts as twice the budget (AlgoPerf's and NiNo's rule)
@@ -250,15 +295,13 @@ def summarize_simulation(sim: dict) -> None:
             f"{sp.ratio:.2f}x [{sp.lo:.2f}, {sp.hi:.2f}] (paired BCa 95%), Wilcoxon p {sp.p_value:.3f}",
             flush=True,
         )
-    sp = paired_speedup(of(arms[1]), of(arms[2]))
-    sim["pair"] = {
-        "arm": arms[2],
-        "vs": arms[1],
-        "speedup": sp.ratio,
-        "lo": sp.lo,
-        "hi": sp.hi,
-        "p_value": sp.p_value,
-    }
+    sim["pairs"] = []
+    for vs in [arms[1]] + [a for a in arms if a.startswith("one branch at batch")]:
+        sp = paired_speedup(of(vs), of(arms[2]))
+        sim["pairs"].append(
+            {"arm": arms[2], "vs": vs, "speedup": sp.ratio, "lo": sp.lo, "hi": sp.hi, "p_value": sp.p_value}
+        )
+    sim["pair"] = sim["pairs"][0]
 
 
 def _median(xs) -> float:
@@ -325,14 +368,26 @@ def markdown(result: dict) -> str:
         f"{', '.join(map(str, a['seeds']))}, {a['branches']} branches"
     )
     if rows:
-        labels = ["trend"] + list(result["args"].get("forecaster_labels", []))
+        labels = (
+            ["trend"]
+            + list(a.get("forecaster_labels", []))
+            + [f"batch{m}x" for m in a.get("large_batch", [])]
+        )
+
+        def title(x: str) -> str:
+            if x == "trend":
+                return "the trend"
+            if x.startswith("batch") and x.endswith("x") and x[5:-1].isdigit():
+                return f"one branch, batch x{x[5:-1]}"
+            return x
+
         out += [
             f"**{head}**: branched at steps {', '.join(map(str, a['steps']))}; medians over (seed, step); each "
             f"predictor as R2_disp as it is / at its best length (its cosine with the branches' mean); the "
             f"training loss where its jump lands",
             "",
             "| horizon (steps) | R2 ceiling | another branch | "
-            + " | ".join(f"the {x}" if x == "trend" else x for x in labels)
+            + " | ".join(title(x) for x in labels)
             + " | train loss now / one branch / mean of branches |",
             "|---|---|---|" + "---|" * len(labels) + "---|",
         ]
@@ -359,6 +414,31 @@ def markdown(result: dict) -> str:
             ]
             out.append(f"| {h} | " + " | ".join(cells) + f" | {loss} |")
         out.append("")
+        h = max(r["horizon"] for r in rows)
+        sel = [r for r in rows if r["horizon"] == h]
+        where = [
+            (n, lambda r, n=n: (r["points"][n]["train_loss"], r["points"][n]["val_acc"]))
+            for n in sel[0]["points"]
+        ] + [
+            (
+                title(f"batch{m}x"),
+                lambda r, m=m: (r["pooled"][f"loss_batch{m}x"], r["pooled"][f"acc_batch{m}x"]),
+            )
+            for m in a.get("large_batch", [])
+        ]
+        out += [
+            f"Where each point lands {h} steps on: training loss / validation accuracy (medians)",
+            "",
+            "| " + " | ".join(n for n, _ in where) + " |",
+            "|" + "---|" * len(where),
+            "| "
+            + " | ".join(
+                f"{_median([f(r)[0] for r in sel]):.3f} / {_median([f(r)[1] for r in sel]):.3f}"
+                for _, f in where
+            )
+            + " |",
+            "",
+        ]
         h = max(r["horizon"] for r in rows)
         sel = [r for r in rows if r["horizon"] == h and r.get("probes")]
         if sel:
@@ -395,14 +475,59 @@ def markdown(result: dict) -> str:
                 f"| {arm} | {v['median_steps']:g} | {v['misses']} | {v['speedup']:.2f}x [{v['lo']:.2f}, "
                 f"{v['hi']:.2f}] | {v['p_value']:.3f} |"
             )
-        q = sim["pair"]
-        out += [
-            "",
-            f"{q['arm']} against {q['vs']}, paired: {q['speedup']:.2f}x [{q['lo']:.2f}, {q['hi']:.2f}], "
-            f"Wilcoxon p {q['p_value']:.3f}.",
-            "",
-        ]
+        out.append("")
+        for q in sim["pairs"]:
+            out.append(
+                f"{q['arm']} against {q['vs']}, paired: {q['speedup']:.2f}x [{q['lo']:.2f}, {q['hi']:.2f}], "
+                f"Wilcoxon p {q['p_value']:.3f}."
+            )
+        out.append("")
+        kept = jump_keeps(sim)
+        if kept:
+            out += [
+                "What the run keeps of a jump (medians over every jump of every seed): validation accuracy / training "
+                "loss at the check before the jump, right after it, and at the next check 10 steps on",
+                "",
+                "| arm | jumps | before | landed | 10 steps on |",
+                "|---|---|---|---|---|",
+            ]
+            for arm, v in kept.items():
+                out.append(
+                    f"| {arm} | {v['jumps']} | "
+                    + " | ".join(
+                        f"{v[k + '_acc']:.3f} / {v[k + '_loss']:.3f}" for k in ("before", "landed", "after")
+                    )
+                    + " |"
+                )
+            out.append("")
     return "\n".join(out)
+
+
+def jump_keeps(sim: dict) -> dict[str, dict]:
+    """Per simulated arm that jumped: the median validation accuracy and training loss at the check before each
+    jump, right after it, and at the check after it (10 steps on; jumps whose run stopped first are left out). Empty
+    for results without traces."""
+    got: dict[str, dict[str, list]] = {}
+    for arms in sim["seeds"].values():
+        for arm, v in arms.items():
+            trace = v.get("trace")
+            if not trace or not trace["landed"]:
+                continue
+            checks = {c[0]: c for c in trace["checks"]}
+            for step, loss, acc in trace["landed"]:
+                if step + 10 not in checks:
+                    continue
+                g = got.setdefault(arm, {k: [] for k in ("before", "landed", "after")})
+                g["before"].append(checks[step][1:])
+                g["landed"].append([loss, acc])
+                g["after"].append(checks[step + 10][1:])
+    out = {}
+    for arm, g in got.items():
+        out[arm] = {"jumps": len(g["landed"])}
+        for k, xs in g.items():
+            out[arm][k + "_loss"] = _median([x[0] for x in xs])
+            out[arm][k + "_acc"] = _median([x[1] for x in xs])
+    return out
 
 
 def probe_stats(
@@ -474,13 +599,14 @@ def forecaster_stats(
     trend; with `data`, also the training loss where its jump lands (`loss_LABEL`). NaN where a forecaster cannot
     forecast (horizon beyond its training, history too short)."""
     from sleepbot.errors import SleepbotError
-    from sleepbot.neurons import has_bias, layer_kind, neuron_layers
+    from sleepbot.neurons import has_bias, layer_kind, neuron_layers, neuron_rows
 
     layers = neuron_layers(net)
 
     def matrix(params: dict, name: str) -> torch.Tensor:
-        w = params[f"{name}.weight"].reshape(params[f"{name}.weight"].shape[0], -1)
-        return torch.cat([w, params[f"{name}.bias"][:, None]], 1) if has_bias(layers[name]) else w
+        return neuron_rows(
+            params[f"{name}.weight"], params.get(f"{name}.bias") if has_bias(layers[name]) else None
+        )
 
     steps = [s for s in sorted(snaps) if s <= t and (t - s) % 10 == 0]
     out = {}
@@ -549,6 +675,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RANK",
         help="also score Sleep('dmd') at these ranks, each layer fitted from its last up to 20 snapshots",
     )
+    p.add_argument(
+        "--large-batch",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="M",
+        help="also train one branch on batches M times as large and score its future as a prediction of the "
+        "branches' (is their mean a larger batch's future?); with --target, also simulate jumps to it and no "
+        "sleep on such batches",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="also write the medians as Markdown tables here")
     p.add_argument(
@@ -609,6 +745,12 @@ def main(argv: list[str] | None = None) -> int:
         args.forecaster_labels.append(f"dmd{rank}")
     data = {k: dm.tensors[k] for k in ("train", "val")}
     n_train = len(data["train"][0])
+    for m in [1, *args.large_batch]:
+        if m < 1 or args.batch_size * m > n_train:
+            p.error(
+                f"a batch of {args.batch_size} x {m} for {n_train} training examples; --batch-size and each "
+                f"--large-batch multiple must give 1 to {n_train}"
+            )
     horizons = sorted(set(args.horizons))
     rows = []
     for seed in [] if args.no_branch_stats else args.seeds:
@@ -632,12 +774,28 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for h in horizons:
                     ends[h].append(got[h])
+            big = {
+                m: branch(
+                    net,
+                    opt,
+                    args,
+                    data,
+                    5_000_000 + 10_000 * seed + 100 * t + m,
+                    horizons[-1],
+                    set(horizons),
+                    m,
+                )
+                for m in args.large_batch
+            }
             for h in horizons:
                 e = ends[h]
                 row = {"seed": seed, "step": t, "horizon": h, "branches": len(e)}
                 row["pooled"] = branch_stats(now, e, names)
                 row["pooled"].update(trend_stats(snaps, t, h, e, names, net, data))
                 row["pooled"].update(forecaster_stats(net, snaps, t, h, e, forecasters, data))
+                row["pooled"].update(
+                    large_batch_stats(net, now, {m: v[h] for m, v in big.items()}, e, names, data)
+                )
                 row["per_tensor"] = {n: branch_stats(now, e, [n]) for n in names}
                 row["probes"] = probe_stats(net, now, ends, h, names, data)
                 pts = {"now": evaluate(net, now, data)}

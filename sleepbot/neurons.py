@@ -47,13 +47,17 @@ def has_bias(module: nn.Module) -> bool:
     return getattr(module, "bias", None) is not None
 
 
+def neuron_rows(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A detached copy of a layer's neurons from its weight (and bias) tensors, [N, fan_in (+1 with bias)] (bias
+    last): the layout the recorder stores and the forecasters read, for tensors outside a module."""
+    w = weight.detach().reshape(weight.shape[0], -1)  # [N, fan_in]
+    return torch.cat([w, bias.detach()[:, None]], dim=1) if bias is not None else w.clone()
+
+
 def neuron_matrix(module: nn.Module) -> torch.Tensor:
     """A detached copy of the layer's neurons, [N, fan_in (+1 with bias)] (bias last)."""
     with torch.no_grad():
-        w = module.weight.detach().reshape(module.weight.shape[0], -1)  # [N, fan_in]
-        if has_bias(module):
-            return torch.cat([w, module.bias.detach()[:, None]], dim=1)
-        return w.clone()
+        return neuron_rows(module.weight, module.bias if has_bias(module) else None)
 
 
 def set_neuron_matrix(module: nn.Module, matrix: torch.Tensor, rows: torch.Tensor | None = None) -> None:

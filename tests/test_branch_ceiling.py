@@ -100,6 +100,32 @@ def test_a_probe_along_a_straight_path_lands_on_the_mean():
         assert r["loss_best_length"] == pytest.approx(r["loss_at_mean"], rel=1e-5)
 
 
+def test_a_larger_batch_is_scored_as_a_prediction_of_the_branches():
+    """A larger batch's future that is the branches' mean points along it (cosine 1, best length 1, so its R2 as
+    it is equals its R2 at the best length), and its landing loss is the loss at that point."""
+    mod = _script()
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)
+    data = {"train": (x, y), "val": (x, y)}
+    now = {k: p.detach().clone() for k, p in net.named_parameters()}
+    step = {k: torch.randn(v.shape, generator=g) for k, v in now.items()}
+    noise = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in now.items()}
+    ends = [{k: now[k] + step[k] + s * noise[k] for k in now} for s in (1, -1)]
+    mean = {k: now[k] + step[k] for k in now}
+    s = mod.large_batch_stats(net, now, {8: mean}, ends, list(now), data)
+    assert s["cos_batch8x"] == pytest.approx(1.0) and s["r2_batch8x"] == pytest.approx(
+        s["r2_batch8x_best_length"]
+    )
+    assert 0 < s["r2_batch8x"] < 1
+    at_mean = mod.evaluate(net, mean, data)
+    assert (
+        s["loss_batch8x"] == pytest.approx(at_mean["train_loss"]) and s["acc_batch8x"] == at_mean["val_acc"]
+    )
+    with pytest.raises(ValueError, match="batch size 65 for 64 examples"):
+        next(mod.batches(64, 65, torch.Generator()))
+
+
 def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsys):
     """With one batch of the whole (subset of the) training split, every data order gives the same gradients:
     the branches coincide and the ceiling is 1. With batches of 8 they differ, and the ceiling is below 1."""
@@ -123,7 +149,7 @@ def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsy
         mod.main([*common, "--batch-size", "64", "--json", str(full), "--forecaster", shipped, "--dmd", "2"])
         == 0
     )
-    assert mod.main([*common, "--batch-size", "8", "--json", str(small)]) == 0
+    assert mod.main([*common, "--batch-size", "8", "--large-batch", "8", "--json", str(small)]) == 0
     rows = json.loads(full.read_text())["rows"]
     assert [(r["step"], r["horizon"]) for r in rows] == [(10, 5), (10, 10)]
     for r in rows:
@@ -134,6 +160,9 @@ def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsy
     for r in json.loads(small.read_text())["rows"]:
         assert r["pooled"]["r2_ceiling"] < 0.99
         assert r["pooled"]["r2_other_branch"] < r["pooled"]["r2_ceiling"]
+        # batch 8 x 8 is the whole subset: a full-batch future, scored against the batch-8 branches
+        assert -1 < r["pooled"]["cos_batch8x"] <= 1 and r["pooled"]["loss_batch8x"] > 0
+        assert 0 <= r["pooled"]["acc_batch8x"] <= 1
     assert "R2 ceiling" in capsys.readouterr().out
     md = tmp_path / "full.md"
     assert mod.main(["--from-json", str(full), str(small), "--markdown", str(md)]) == 0
@@ -142,6 +171,11 @@ def test_full_batch_branches_agree_and_minibatch_branches_do_not(tmp_path, capsy
     assert (
         "| the trend | shipped |" in text
     )  # the first run scored the shipped forecaster, the second did not
+    assert "| the trend | one branch, batch x8 |" in text
+    assert (
+        text.count("Where each point lands 10 steps on") == 2
+        and "| mean of 2 branches | one branch, batch x8 |" in text
+    )
 
 
 def _net_params():
@@ -170,6 +204,8 @@ def test_the_simulation_is_paired_and_counts_misses(tmp_path):
         "10",
         "--max-steps",
         "30",
+        "--large-batch",
+        "2",
     ]
     out = tmp_path / "sim.json"
     assert mod.main([*common, "--target", "1.01", "--json", str(out)]) == 0
@@ -177,15 +213,46 @@ def test_the_simulation_is_paired_and_counts_misses(tmp_path):
     arms = sim["seeds"]["5"]
     assert all(a["steps"] is None for a in arms.values())
     assert arms["none"]["jumps"] == 0 and arms["oracle (one branch)"]["jumps"] == 2
+    assert arms["none at batch x2"]["jumps"] == 0 and arms["one branch at batch x2"]["jumps"] == 2
+    # the trace: every check, and where every jump landed (a jump changes the weights between two checks)
+    oracle = arms["oracle (one branch)"]["trace"]
+    assert [c[0] for c in oracle["checks"]] == [10, 20, 30] and [j[0] for j in oracle["landed"]] == [10, 20]
+    assert oracle["landed"][0][1] != oracle["checks"][0][1] and arms["none"]["trace"]["landed"] == []
     assert sim["none"]["misses"] == 1 and sim["none"]["median_steps"] == 60  # a miss counts 2x the budget
     assert sim["pair"]["speedup"] == 1.0
+    assert [q["vs"] for q in sim["pairs"]] == ["oracle (one branch)", "one branch at batch x2"]
     again = tmp_path / "again.json"
     assert mod.main([*common, "--target", "0.0", "--json", str(again)]) == 0
     arms = json.loads(again.read_text())["simulation"]["seeds"]["5"]
     assert {a["steps"] for a in arms.values()} == {10}
     md = tmp_path / "sim.md"
     assert mod.main(["--from-json", str(out), "--markdown", str(md)]) == 0
-    assert "| none | 60 | 1 | 1.00x [nan, nan] |" in md.read_text()  # one seed: no interval
+    text = md.read_text()
+    assert "| none | 60 | 1 | 1.00x [nan, nan] |" in text  # one seed: no interval
+    assert "| oracle (one branch) | 2 |" in text  # what the run kept of its 2 jumps
+
+
+def test_what_a_run_keeps_of_a_jump():
+    """Each jump is read against the check before it and the check 10 steps after; a jump with no later check (the
+    run stopped) and arms that never jumped are left out; results without traces give nothing."""
+    mod = _script()
+    seeds = {
+        "1": {
+            "none": {"trace": {"checks": [[10, 1.0, 0.5], [20, 0.9, 0.55]], "landed": []}},
+            "oracle": {
+                "trace": {
+                    "checks": [[10, 1.0, 0.5], [20, 0.8, 0.6]],
+                    "landed": [[10, 0.5, 0.7], [20, 0.4, 0.8]],
+                }
+            },
+        }
+    }
+    kept = mod.jump_keeps({"seeds": seeds})
+    assert list(kept) == ["oracle"] and kept["oracle"]["jumps"] == 1
+    v = kept["oracle"]
+    assert (v["before_acc"], v["landed_acc"], v["after_acc"]) == (0.5, 0.7, 0.6)
+    assert (v["before_loss"], v["landed_loss"], v["after_loss"]) == (1.0, 0.5, 0.8)
+    assert mod.jump_keeps({"seeds": {"1": {"oracle": {"steps": 10, "jumps": 0}}}}) == {}
 
 
 @pytest.mark.parametrize(
@@ -195,6 +262,7 @@ def test_the_simulation_is_paired_and_counts_misses(tmp_path):
         (["--optimizer", "schedulefree_adamw"], "Schedule-Free"),
         (["--forecaster", "no label"], "LABEL=PATH"),
         (["--data", "nosuch"], "unknown dataset 'nosuch'"),
+        (["--train-subset", "64", "--large-batch", "4"], "each --large-batch multiple must give 1 to"),
     ],
 )
 def test_bad_options_are_refused(argv, message, capsys):

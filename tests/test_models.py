@@ -7,7 +7,7 @@ import torch
 
 from sleepbot.errors import SleepbotError
 from sleepbot.models import ARCHS, OPTIMIZERS, build_arch, build_optimizer, lr_factor
-from sleepbot.neurons import neuron_layers, neuron_matrix, neuron_norms, set_neuron_matrix
+from sleepbot.neurons import neuron_layers, neuron_matrix, neuron_norms, neuron_rows, set_neuron_matrix
 from sleepbot.training import run_training
 
 
@@ -98,6 +98,15 @@ def test_neuron_matrix_round_trip():
     set_neuron_matrix(conv, m[:2] * 0, rows=torch.tensor([3, 5]))
     assert neuron_matrix(conv)[[3, 5]].abs().sum() == 0
     assert neuron_matrix(conv)[4].abs().sum() > 0
+
+
+def test_neuron_rows_lay_out_tensors_as_a_module_would():
+    conv = torch.nn.Conv2d(2, 3, 2)
+    torch.testing.assert_close(neuron_rows(conv.weight, conv.bias), neuron_matrix(conv))
+    rows = neuron_rows(conv.weight)  # no bias: the weights alone, a copy
+    assert rows.shape == (3, 8) and not rows.requires_grad
+    rows += 1
+    torch.testing.assert_close(neuron_matrix(conv)[:, :-1], rows - 1)
 
 
 def test_schedules():
