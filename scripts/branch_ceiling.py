@@ -439,7 +439,6 @@ def markdown(result: dict) -> str:
             + " |",
             "",
         ]
-        h = max(r["horizon"] for r in rows)
         sel = [r for r in rows if r["horizon"] == h and r.get("probes")]
         if sel:
             out += [
