@@ -81,15 +81,20 @@ def _strategy(name: str):
     return make_strategy(name)
 
 
+def _tiny_linear(seed: int):
+    """A 3 -> 2 linear classifier, 16 random examples as both splits, its parameters now, and the generator."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)
+    now = {k: p.detach().clone() for k, p in net.named_parameters()}
+    return net, {"train": (x, y), "val": (x, y)}, now, g
+
+
 def test_a_probe_along_a_straight_path_lands_on_the_mean():
     """Branches that move on one straight line: the probe points at the mean (cosine 1), its best length is the
     ratio of the horizons, and stretched it lands exactly where the mean lands."""
     mod = _script()
-    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)
-    data = {"train": (x, y), "val": (x, y)}
-    now = {k: p.detach().clone() for k, p in net.named_parameters()}
+    net, data, now, g = _tiny_linear(3)
     rate = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in now.items()}
     ends = {h: [{k: now[k] + h * rate[k] for k in now} for _ in range(6)] for h in (10, 40)}
     rows = mod.probe_stats(net, now, ends, 40, list(now), data)
@@ -104,11 +109,7 @@ def test_a_larger_batch_is_scored_as_a_prediction_of_the_branches():
     """A larger batch's future that is the branches' mean points along it (cosine 1, best length 1, so its R2 as
     it is equals its R2 at the best length), and its landing loss is the loss at that point."""
     mod = _script()
-    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)
-    data = {"train": (x, y), "val": (x, y)}
-    now = {k: p.detach().clone() for k, p in net.named_parameters()}
+    net, data, now, g = _tiny_linear(4)
     step = {k: torch.randn(v.shape, generator=g) for k, v in now.items()}
     noise = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in now.items()}
     ends = [{k: now[k] + step[k] + s * noise[k] for k in now} for s in (1, -1)]
